@@ -1,0 +1,1 @@
+"""Cython kernels of knhk. Private: import the public API from ``knhk``."""

@@ -1,0 +1,297 @@
+# cython: freethreading_compatible = False
+"""The per-event span record: a compact extension type.
+
+Construction normalises ids (bytes, hex strings or ints) and times once, so the
+ring buffer can copy the fields into its columns without further checks.
+"""
+
+from cpython.bytes cimport PyBytes_GET_SIZE
+from libc.string cimport memcmp
+from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
+
+cimport cython
+
+from knhk._enums import SpanKind as _SpanKind, SpanStatus as _SpanStatus
+
+cdef tuple _KINDS = tuple(_SpanKind)
+cdef tuple _STATUSES = tuple(_SpanStatus)
+cdef bytes _ZERO16 = bytes(16)
+
+
+cdef inline int64_t _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef bytes normalize_id(object value, Py_ssize_t size, str field):
+    """Return ``value`` as ``size`` bytes; raise a worded error naming ``field``."""
+    cdef bytes out
+    if type(value) is bytes:
+        out = <bytes>value
+    elif isinstance(value, str):
+        if len(<str>value) != 2 * size:
+            raise ValueError(
+                f"{field} must be {size} bytes ({2 * size} hex digits), "
+                f"got {len(<str>value)} hex digits")
+        try:
+            out = bytes.fromhex(value)
+        except ValueError:
+            raise ValueError(f"{field} is not a hex string: {value!r}") from None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0 or value.bit_length() > 8 * size:
+            raise ValueError(
+                f"{field} as an int must be in 1 .. 2**{8 * size} - 1, got {value}")
+        out = (<object>value).to_bytes(size, "big")
+    elif isinstance(value, (bytearray, memoryview)):
+        out = bytes(value)
+    else:
+        raise TypeError(
+            f"{field} must be bytes, a hex string or an int, got {type(value).__name__}")
+    if PyBytes_GET_SIZE(out) != size:
+        raise ValueError(f"{field} must be {size} bytes, got {PyBytes_GET_SIZE(out)}")
+    if memcmp(<char*>out, <char*>_ZERO16, size) == 0:
+        raise ValueError(f"{field} must not be all zeros (an invalid id in OpenTelemetry)")
+    return out
+
+
+cdef inline int64_t _time_arg(object value, str field) except? -1:
+    if type(value) is int:
+        return <int64_t>value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return <int64_t>int(value)
+    raise TypeError(f"{field} must be an int of nanoseconds, got {type(value).__name__}")
+
+
+@cython.freelist(256)
+cdef class Span:
+    """One span, as the per-event API takes it.
+
+    Parameters
+    ----------
+    name : str
+        The operation name.
+    trace_id, span_id : bytes, str or int
+        16 and 8 bytes; a hex string of 32 / 16 digits or a positive int is
+        converted. All-zero ids are invalid.
+    parent_span_id : bytes, str, int or None
+        ``None`` for a root span.
+    attributes : dict, optional
+        ``str`` keys; values ``str``, ``bool``, ``int`` (int64), ``float``,
+        ``bytes``, lists and dicts of those, or :class:`AttributeValue`.
+    start_time_ns, end_time_ns, duration_ns : int, optional
+        Unix nanoseconds. Any two determine the third; with none the span
+        starts now and has zero length.
+    kind : SpanKind
+    status : SpanStatus
+    service : str, optional
+        The resource's ``service.name``; the pipeline's service name if None.
+
+    Examples
+    --------
+    >>> s = Span("GET /", trace_id="0af7651916cd43dd8448eb211c80319c",
+    ...          span_id=1, start_time_ns=10, duration_ns=5)
+    >>> (s.trace_id.hex()[:8], s.span_id.hex(), s.end_time_ns)
+    ('0af76519', '0000000000000001', 15)
+    """
+
+    def __init__(self, str name not None, trace_id, span_id, parent_span_id=None,
+                 attributes=None, duration_ns=None, status=0, start_time_ns=None,
+                 end_time_ns=None, kind=1, service=None, events=None, links=None,
+                 status_message=None, trace_state=None, flags=0,
+                 resource_attributes=None, scope_name=None, scope_version=None):
+        cdef int64_t start, end, dur
+        cdef long k, st
+        self.name = name
+        self.trace_id = normalize_id(trace_id, 16, "trace_id")
+        self.span_id = normalize_id(span_id, 8, "span_id")
+        if parent_span_id is not None:
+            self.parent_span_id = normalize_id(parent_span_id, 8, "parent_span_id")
+        if attributes is not None:
+            if type(attributes) is not dict:
+                if not isinstance(attributes, dict):
+                    raise TypeError(
+                        f"attributes must be a dict, got {type(attributes).__name__}")
+                attributes = dict(attributes)
+            self.attributes = <dict>attributes
+
+        if start_time_ns is not None:
+            start = _time_arg(start_time_ns, "start_time_ns")
+            if end_time_ns is not None:
+                end = _time_arg(end_time_ns, "end_time_ns")
+                if duration_ns is not None and end - start != _time_arg(duration_ns,
+                                                                       "duration_ns"):
+                    raise ValueError(
+                        "duration_ns disagrees with end_time_ns - start_time_ns")
+            else:
+                end = start + (0 if duration_ns is None
+                               else _time_arg(duration_ns, "duration_ns"))
+        elif end_time_ns is not None:
+            end = _time_arg(end_time_ns, "end_time_ns")
+            start = end - (0 if duration_ns is None
+                           else _time_arg(duration_ns, "duration_ns"))
+        else:
+            start = _now_ns()
+            end = start + (0 if duration_ns is None
+                           else _time_arg(duration_ns, "duration_ns"))
+        if end < start:
+            raise ValueError(
+                f"end_time_ns ({end}) is before start_time_ns ({start}) in span {name!r}")
+        self.start_time_ns = start
+        self.end_time_ns = end
+
+        if type(kind) is not int and not isinstance(kind, int):
+            raise TypeError(f"kind must be a SpanKind, got {type(kind).__name__}")
+        k = kind
+        if k < 0 or k > 5:
+            raise ValueError(f"kind must be a SpanKind (0..5), got {k}")
+        self._kind = <int8_t>k
+        if type(status) is not int and not isinstance(status, int):
+            raise TypeError(f"status must be a SpanStatus, got {type(status).__name__}")
+        st = status
+        if st < 0 or st > 2:
+            raise ValueError(f"status must be a SpanStatus (0 unset, 1 ok, 2 error), got {st}")
+        self._status = <int8_t>st
+
+        if status_message is not None and not isinstance(status_message, str):
+            raise TypeError(
+                f"status_message must be a str, got {type(status_message).__name__}")
+        self.status_message = status_message
+        if service is not None and not isinstance(service, str):
+            raise TypeError(f"service must be a str, got {type(service).__name__}")
+        self.service = service
+        if trace_state is not None and not isinstance(trace_state, str):
+            raise TypeError(f"trace_state must be a str, got {type(trace_state).__name__}")
+        self.trace_state = trace_state or None
+        if not isinstance(flags, int) or flags < 0 or flags > 0xFFFFFFFF:
+            raise TypeError(f"flags must be an int in 0 .. 2**32 - 1, got {flags!r}")
+        self.flags = flags
+        if scope_name is not None and not isinstance(scope_name, str):
+            raise TypeError(f"scope_name must be a str, got {type(scope_name).__name__}")
+        self.scope_name = scope_name
+        if scope_version is not None and not isinstance(scope_version, str):
+            raise TypeError(
+                f"scope_version must be a str, got {type(scope_version).__name__}")
+        self.scope_version = scope_version
+        if resource_attributes is not None:
+            if not isinstance(resource_attributes, dict):
+                raise TypeError(f"resource_attributes must be a dict, "
+                                f"got {type(resource_attributes).__name__}")
+            self.resource_attributes = dict(resource_attributes)
+        if events is not None:
+            self.events = [_as_event(e, i) for i, e in enumerate(events)] or None
+        if links is not None:
+            self.links = [_as_link(l, i) for i, l in enumerate(links)] or None
+
+    @property
+    def kind(self):
+        return _KINDS[self._kind]
+
+    @property
+    def status(self):
+        return _STATUSES[self._status]
+
+    @property
+    def duration_ns(self):
+        return self.end_time_ns - self.start_time_ns
+
+    def is_root(self):
+        return self.parent_span_id is None
+
+    def _key(self):
+        return (self.name, self.trace_id, self.span_id, self.parent_span_id,
+                self.attributes or {}, self.start_time_ns, self.end_time_ns,
+                self._kind, self._status, self.status_message, self.service,
+                self.events or [], self.links or [], self.trace_state, self.flags,
+                self.resource_attributes or {}, self.scope_name, self.scope_version)
+
+    def __eq__(self, other):
+        if not isinstance(other, Span):
+            return NotImplemented
+        return self._key() == (<Span>other)._key()
+
+    def __hash__(self):
+        return hash((self.trace_id, self.span_id))
+
+    def __repr__(self):
+        parent = "None" if self.parent_span_id is None else self.parent_span_id.hex()
+        return (f"Span(name={self.name!r}, trace_id={self.trace_id.hex()!r}, "
+                f"span_id={self.span_id.hex()!r}, parent_span_id={parent}, "
+                f"kind={self.kind.name}, status={self.status.name}, "
+                f"duration_ns={self.duration_ns}, service={self.service!r}, "
+                f"attributes={self.attributes!r})")
+
+
+cdef SpanEvent _as_event(object e, Py_ssize_t i):
+    if isinstance(e, SpanEvent):
+        return <SpanEvent>e
+    if isinstance(e, dict):
+        return SpanEvent(**e)
+    raise TypeError(f"events[{i}] must be a SpanEvent or a dict, got {type(e).__name__}")
+
+
+cdef SpanLink _as_link(object l, Py_ssize_t i):
+    if isinstance(l, SpanLink):
+        return <SpanLink>l
+    if isinstance(l, dict):
+        return SpanLink(**l)
+    raise TypeError(f"links[{i}] must be a SpanLink or a dict, got {type(l).__name__}")
+
+
+cdef class SpanEvent:
+    """A timestamped event inside a span (OTLP ``Span.Event``)."""
+
+    def __init__(self, str name not None, time_ns=None, attributes=None,
+                 dropped_attributes_count=0):
+        self.name = name
+        self.time_ns = _now_ns() if time_ns is None else _time_arg(time_ns, "time_ns")
+        if attributes is not None and not isinstance(attributes, dict):
+            raise TypeError(f"event attributes must be a dict, got {type(attributes).__name__}")
+        self.attributes = dict(attributes) if attributes else None
+        self.dropped_attributes_count = dropped_attributes_count
+
+    def _key(self):
+        return (self.name, self.time_ns, self.attributes or {}, self.dropped_attributes_count)
+
+    def __eq__(self, other):
+        if not isinstance(other, SpanEvent):
+            return NotImplemented
+        return self._key() == (<SpanEvent>other)._key()
+
+    def __hash__(self):
+        return hash((self.name, self.time_ns))
+
+    def __repr__(self):
+        return f"SpanEvent({self.name!r}, time_ns={self.time_ns}, attributes={self.attributes!r})"
+
+
+cdef class SpanLink:
+    """A link from a span to another span context (OTLP ``Span.Link``)."""
+
+    def __init__(self, trace_id, span_id, trace_state=None, flags=0, attributes=None,
+                 dropped_attributes_count=0):
+        self.trace_id = normalize_id(trace_id, 16, "link trace_id")
+        self.span_id = normalize_id(span_id, 8, "link span_id")
+        if trace_state is not None and not isinstance(trace_state, str):
+            raise TypeError(f"link trace_state must be a str, got {type(trace_state).__name__}")
+        self.trace_state = trace_state or None
+        self.flags = flags
+        if attributes is not None and not isinstance(attributes, dict):
+            raise TypeError(f"link attributes must be a dict, got {type(attributes).__name__}")
+        self.attributes = dict(attributes) if attributes else None
+        self.dropped_attributes_count = dropped_attributes_count
+
+    def _key(self):
+        return (self.trace_id, self.span_id, self.trace_state, self.flags,
+                self.attributes or {}, self.dropped_attributes_count)
+
+    def __eq__(self, other):
+        if not isinstance(other, SpanLink):
+            return NotImplemented
+        return self._key() == (<SpanLink>other)._key()
+
+    def __hash__(self):
+        return hash((self.trace_id, self.span_id))
+
+    def __repr__(self):
+        return f"SpanLink(trace_id={self.trace_id.hex()!r}, span_id={self.span_id.hex()!r})"
