@@ -1,1 +1,79 @@
+"""knhk: a real-time telemetry engine over Arrow batches, with a Cython core.
 
+>>> import knhk
+>>> sink = knhk.InMemoryExporter()
+>>> with knhk.TelemetryPipeline.builder().with_exporter(sink).build() as pipeline:
+...     pipeline.record_span(knhk.Span("GET /", trace_id=1, span_id=1,
+...                                    attributes={"http.request.method": "GET"}))
+True
+>>> sink.spans().num_rows
+1
+"""
+
+from knhk._enums import BackpressureStrategy, DropReason, SpanKind, SpanStatus
+from knhk.batch import MetricBatch, SpanBatch
+from knhk.errors import (
+    BuildError,
+    CorruptFileError,
+    KnhkError,
+    PipelineClosedError,
+    RegistryError,
+    SchemaError,
+)
+from knhk.exporters import Exporter, ExportResult, InMemoryExporter
+from knhk.pipeline import PipelineBuilder, PipelineStats, StageResult, TelemetryPipeline
+from knhk.sampling import (
+    AdaptiveSamplingStrategy,
+    SamplingConfig,
+    SamplingDecision,
+)
+from knhk.schema import (
+    METRIC_SCHEMA,
+    SPAN_SCHEMA,
+    AttributeValue,
+    AttrType,
+    MetricKind,
+    MetricPoint,
+    Span,
+    SpanEvent,
+    SpanLink,
+    Temporality,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METRIC_SCHEMA",
+    "SPAN_SCHEMA",
+    "AdaptiveSamplingStrategy",
+    "AttrType",
+    "AttributeValue",
+    "BackpressureStrategy",
+    "BuildError",
+    "CorruptFileError",
+    "DropReason",
+    "ExportResult",
+    "Exporter",
+    "InMemoryExporter",
+    "KnhkError",
+    "MetricBatch",
+    "MetricKind",
+    "MetricPoint",
+    "PipelineBuilder",
+    "PipelineClosedError",
+    "PipelineStats",
+    "RegistryError",
+    "SamplingConfig",
+    "SamplingDecision",
+    "SchemaError",
+    "Span",
+    "SpanBatch",
+    "SpanEvent",
+    "SpanKind",
+    "SpanLink",
+    "SpanStatus",
+    "StageResult",
+    "TelemetryPipeline",
+    "Temporality",
+    "__version__",
+]

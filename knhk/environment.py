@@ -1,0 +1,42 @@
+"""Environment variables knhk reads, each with what it means.
+
+Values are read when a pipeline is built. A bad value is logged and the
+default used: knhk is strict with arguments, lenient with the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+OTEL_SERVICE_NAME = "OTEL_SERVICE_NAME"
+"""``service`` of spans and metric points that name none (default ``unknown_service``)."""
+
+KNHK_BATCH_SIZE = "KNHK_BATCH_SIZE"
+"""Default rows per sealed batch when the builder sets none (default 1000)."""
+
+KNHK_CHANNEL_CAPACITY = "KNHK_CHANNEL_CAPACITY"
+"""Default rows in flight in the ring buffer when the builder sets none (default 100000)."""
+
+KNHK_CYTHON_DEBUG = "KNHK_CYTHON_DEBUG"
+"""At build time, ``1`` compiles the kernels with bounds checks (see setup.py)."""
+
+
+def service_name(default: str = "unknown_service") -> str:
+    return os.environ.get(OTEL_SERVICE_NAME, "").strip() or default
+
+
+def positive_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+        if value <= 0:
+            raise ValueError
+    except ValueError:
+        logger.warning("ignoring %s=%r: not a positive integer; using %d", name, raw, default)
+        return default
+    return value

@@ -1,0 +1,157 @@
+"""The exporter interface, and the bounded queue and worker each exporter gets.
+
+An exporter has a small lifecycle: ``export(batch) -> ExportResult``,
+``force_flush(timeout) -> bool``, ``shutdown(timeout)``. Failures are results,
+not exceptions; an exporter that raises anyway is logged and counted, and the
+pipeline goes on. The pipeline runs each exporter on its own thread behind a
+bounded queue, so a slow or hung exporter never stalls the others.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ExportResult", "Exporter", "ExporterStats"]
+
+
+class ExportResult(enum.Enum):
+    SUCCESS = 0
+    FAILURE = 1
+
+
+class Exporter:
+    """Base class of exporters. Subclasses implement :meth:`export`.
+
+    ``queue_size`` is how many batches the pipeline may hold for this exporter
+    before it drops (and counts) new ones.
+    """
+
+    name: str = "exporter"
+    queue_size: int = 64
+
+    def export(self, batch: Any) -> ExportResult:
+        raise NotImplementedError
+
+    def force_flush(self, timeout: float | None = None) -> bool:
+        return True
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        return None
+
+
+@dataclass
+class ExporterStats:
+    """What happened to the batches handed to one exporter."""
+
+    batches_exported: int = 0
+    events_exported: int = 0
+    export_errors: int = 0
+    events_failed: int = 0
+    events_dropped_queue_full: int = 0
+    events_dropped_shutdown: int = 0
+    queued_batches: int = 0
+    last_error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ExporterWorker:
+    """One exporter behind a bounded queue and its own daemon thread."""
+
+    def __init__(self, exporter: Exporter, queue_size: int | None = None) -> None:
+        self.exporter = exporter
+        self.name = getattr(exporter, "name", type(exporter).__name__)
+        self.capacity = int(queue_size or getattr(exporter, "queue_size", 64) or 64)
+        self.stats = ExporterStats()
+        self._queue: deque = deque()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=f"knhk-export-{self.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, batch: Any) -> bool:
+        """Queue ``batch``; False (and counted) if the queue is full or closed."""
+        with self._cond:
+            if self._closing:
+                self.stats.events_dropped_shutdown += batch.num_rows
+                return False
+            if len(self._queue) >= self.capacity:
+                self.stats.events_dropped_queue_full += batch.num_rows
+                return False
+            self._queue.append(batch)
+            self.stats.queued_batches = len(self._queue)
+            self._cond.notify()
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch = self._queue.popleft()
+                self.stats.queued_batches = len(self._queue)
+                self._busy = True
+            try:
+                result = self.exporter.export(batch)
+            except Exception as exc:  # an exporter never crashes the pipeline
+                logger.exception("exporter %s raised on a batch of %d", self.name,
+                                 batch.num_rows)
+                result = ExportResult.FAILURE
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+            with self._cond:
+                if result is ExportResult.SUCCESS:
+                    self.stats.batches_exported += 1
+                    self.stats.events_exported += batch.num_rows
+                else:
+                    self.stats.export_errors += 1
+                    self.stats.events_failed += batch.num_rows
+                self._busy = False
+                self._cond.notify_all()
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._queue and not self._busy
+
+    def wait_idle(self, deadline: float) -> bool:
+        with self._cond:
+            while self._queue or self._busy:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def close(self, deadline: float) -> bool:
+        """Export what is queued, then shut the exporter down, all by ``deadline``."""
+        drained = self.wait_idle(deadline)
+        with self._cond:
+            self._closing = True
+            left = sum(b.num_rows for b in self._queue)
+            self._queue.clear()
+            self.stats.events_dropped_shutdown += left
+            self._cond.notify_all()
+        remaining = max(0.0, deadline - time.monotonic())
+        done = threading.Event()
+
+        def _shutdown() -> None:
+            try:
+                self.exporter.shutdown(remaining)
+            except Exception:
+                logger.exception("exporter %s raised in shutdown", self.name)
+            finally:
+                done.set()
+
+        threading.Thread(target=_shutdown, name=f"knhk-shutdown-{self.name}",
+                         daemon=True).start()
+        return done.wait(remaining) and drained and left == 0

@@ -1,0 +1,578 @@
+"""TelemetryPipeline: ring buffer in, stages on a worker, exporters on their own threads.
+
+>>> import knhk
+>>> sink = knhk.InMemoryExporter()
+>>> pipeline = (knhk.TelemetryPipeline.builder()
+...             .with_batch_size(2)
+...             .with_exporter(sink)
+...             .build())
+>>> for i in range(1, 6):
+...     _ = pipeline.record_span(knhk.Span("op", trace_id=i, span_id=i))
+>>> pipeline.shutdown()
+True
+>>> [b.num_rows for b in sink.batches], pipeline.stats().events_processed
+([2, 2, 1], 5)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from knhk import environment
+from knhk._build import load_core
+from knhk._enums import BackpressureStrategy, DropReason
+from knhk.batch import MetricBatch, SpanBatch, coerce_spans, trace_id_low64
+from knhk.errors import PipelineClosedError
+from knhk.exporters.base import Exporter, ExporterWorker
+from knhk.metrics import MetricBuffer
+from knhk.schema import MetricPoint
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BackpressureStrategy",
+    "PipelineBuilder",
+    "PipelineStats",
+    "Stage",
+    "StageResult",
+    "TelemetryPipeline",
+]
+
+_COMPRESSIONS = (None, "gzip", "lz4", "zstd")
+
+
+@dataclass
+class StageResult:
+    """What a stage may return instead of a plain batch.
+
+    ``mask`` keeps rows for the stages after this one and the exporters (a
+    sampler's decision); ``counters`` are added to the pipeline's stats under
+    their names (``validation_errors`` is one the stats report by name).
+    """
+
+    batch: SpanBatch
+    mask: np.ndarray | None = None
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """A pipeline stage: takes a batch, returns a batch, a StageResult or None."""
+
+    def process(self, batch: SpanBatch) -> SpanBatch | StageResult | None: ...
+
+
+@dataclass
+class PipelineStats:
+    """A snapshot of a pipeline's counters (``stats()``).
+
+    ``events_dropped`` counts spans the ring buffer refused or evicted (never
+    processed); ``dropped_by_reason`` also names spans an exporter or an
+    event stream could not take (``export_queue_full:<exporter>``, ...), and
+    metric points (``metrics_<reason>``). Latencies: *processing* is the time
+    a batch spends in the stages; *pipeline* is from sealing to leaving them.
+    """
+
+    events_received: int
+    events_processed: int
+    events_dropped: int
+    dropped_by_reason: dict[str, int]
+    events_sampled_out: int
+    batches_created: int
+    batches_processed: int
+    validation_errors: int
+    export_errors: int
+    avg_batch_size: float
+    avg_processing_latency_us: float
+    p99_processing_latency_us: float
+    avg_pipeline_latency_us: float
+    p99_pipeline_latency_us: float
+    queue_occupancy: float
+    queued_events: int
+    metrics_received: int
+    stage_errors: int
+    counters: dict[str, int]
+    exporters: dict[str, dict[str, Any]]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class PipelineBuilder:
+    """Configures a :class:`TelemetryPipeline`; every ``with_*`` returns the builder."""
+
+    def __init__(self) -> None:
+        self._batch_size = environment.positive_int(environment.KNHK_BATCH_SIZE, 1000)
+        self._flush_interval = 0.1
+        self._capacity = environment.positive_int(environment.KNHK_CHANNEL_CAPACITY, 100_000)
+        self._compression: str | None = None
+        self._strategy = BackpressureStrategy.DROP_OLDEST
+        self._block_timeout = 1.0
+        self._registry: str | None = None
+        self._sampling: Any = None
+        self._exporters: list[Exporter] = []
+        self._stages: list[Any] = []
+        self._service = environment.service_name()
+        self._latency_window = 4096
+
+    def with_batch_size(self, size: int) -> PipelineBuilder:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"The batch size must be a positive int, got {size!r}.")
+        self._batch_size = size
+        return self
+
+    def with_flush_interval(self, interval: timedelta | float) -> PipelineBuilder:
+        seconds = interval.total_seconds() if isinstance(interval, timedelta) else interval
+        if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds <= 0:
+            raise ValueError(
+                f"The flush interval must be a positive timedelta or number of seconds, "
+                f"got {interval!r}.")
+        self._flush_interval = float(seconds)
+        return self
+
+    def with_channel_capacity(self, capacity: int) -> PipelineBuilder:
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
+            raise ValueError(f"The channel capacity must be a positive int, got {capacity!r}.")
+        self._capacity = capacity
+        return self
+
+    def with_compression(self, compression: str | None) -> PipelineBuilder:
+        if compression not in _COMPRESSIONS:
+            raise ValueError(
+                f"The compression must be one of gzip, lz4, zstd or None, got {compression!r}.")
+        self._compression = compression
+        return self
+
+    def with_backpressure_strategy(self, strategy: BackpressureStrategy, *,
+                                   block_timeout: timedelta | float | None = None
+                                   ) -> PipelineBuilder:
+        try:
+            self._strategy = BackpressureStrategy(strategy)
+        except ValueError:
+            raise ValueError(
+                f"The backpressure strategy must be a BackpressureStrategy, got {strategy!r}."
+            ) from None
+        if block_timeout is not None:
+            seconds = (block_timeout.total_seconds() if isinstance(block_timeout, timedelta)
+                       else block_timeout)
+            if not isinstance(seconds, int | float) or seconds < 0:
+                raise ValueError(
+                    f"The block timeout must be a non-negative duration, got {block_timeout!r}.")
+            self._block_timeout = float(seconds)
+        return self
+
+    def with_weaver_registry(self, path: str) -> PipelineBuilder:
+        import os
+
+        if not isinstance(path, str | os.PathLike) or not os.path.isdir(path):
+            raise ValueError(f"The Weaver registry must be an existing directory, got {path!r}.")
+        self._registry = os.fspath(path)
+        return self
+
+    def with_adaptive_sampling(self, config: Any = None) -> PipelineBuilder:
+        from knhk.sampling import SamplingConfig
+
+        if config is None:
+            config = SamplingConfig()
+        if not isinstance(config, SamplingConfig):
+            raise ValueError(
+                f"Adaptive sampling takes a knhk.SamplingConfig, got {type(config).__name__}.")
+        self._sampling = config
+        return self
+
+    def with_exporter(self, exporter: Exporter) -> PipelineBuilder:
+        if not callable(getattr(exporter, "export", None)):
+            raise ValueError(
+                f"An exporter needs an export(batch) method; {type(exporter).__name__} has none.")
+        self._exporters.append(exporter)
+        return self
+
+    def with_stage(self, stage: Any) -> PipelineBuilder:
+        if not callable(getattr(stage, "process", None)) and not callable(stage):
+            raise ValueError(
+                f"A stage needs a process(batch) method or must be callable; "
+                f"{type(stage).__name__} is neither.")
+        self._stages.append(stage)
+        return self
+
+    def with_service_name(self, name: str) -> PipelineBuilder:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"The service name must be a non-empty str, got {name!r}.")
+        self._service = name
+        return self
+
+    def build(self) -> TelemetryPipeline:
+        if self._capacity < self._batch_size:
+            raise ValueError(
+                f"The channel capacity ({self._capacity}) must be at least the batch size "
+                f"({self._batch_size}).")
+        return TelemetryPipeline(self)
+
+
+class _Sink:
+    """The event_stream(): a bounded queue of processed batches for one consumer."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.queue: deque = deque()
+        self.cond = threading.Condition()
+        self.closed = False
+        self.dropped = 0
+
+
+class TelemetryPipeline:
+    """Spans and metric points in; stages and exporters behind a ring buffer.
+
+    Build one with :meth:`builder`. ``record_span`` is the per-event entry
+    (a direct call into the compiled ring buffer); ``record_batch`` the fast
+    path for columns. Use as a context manager, or call :meth:`shutdown`.
+    """
+
+    record_span: Callable[[Any], bool]
+
+    @staticmethod
+    def builder() -> PipelineBuilder:
+        return PipelineBuilder()
+
+    def __init__(self, config: PipelineBuilder) -> None:
+        ring_mod = load_core("_ringbuffer")
+        self._batch_size = config._batch_size
+        self._flush_interval = config._flush_interval
+        self._strategy = config._strategy
+        self._service = config._service
+        self.compression = config._compression
+        self._ring = ring_mod.SpanRing(
+            config._batch_size, config._capacity, int(config._strategy),
+            config._block_timeout, config._service)
+        # record_span is the ring's own method: one C call per span.
+        self.record_span = self._ring.append
+        self._metrics = MetricBuffer(config._batch_size, config._capacity, config._service)
+        self._stages: list[Any] = []
+        if config._registry is not None:
+            from knhk.validation import WeaverValidator
+
+            self._stages.append(WeaverValidator(config._registry).stage())
+        self._stages.extend(config._stages)
+        self._sampler = None
+        if config._sampling is not None:
+            from knhk.sampling import AdaptiveSamplingStrategy
+
+            self._sampler = AdaptiveSamplingStrategy(config._sampling)
+            self._stages.append(self._sampler)
+        self._workers = [ExporterWorker(e) for e in config._exporters]
+        self._sinks: list[_Sink] = []
+        self._lock = threading.Lock()
+        self._processed = 0
+        self._batches_processed = 0
+        self._sampled_out = 0
+        self._stage_errors = 0
+        self._counters: dict[str, int] = {}
+        self._latency = deque(maxlen=config._latency_window)
+        self._e2e_latency = deque(maxlen=config._latency_window)
+        self._busy = False
+        self._closed = False
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._run, name="knhk-pipeline", daemon=True)
+        self._worker.start()
+
+    # -- input -------------------------------------------------------------------
+
+    def record_spans(self, spans: Iterable[Any]) -> int:
+        """Record many ``Span`` objects; return how many were accepted."""
+        return self._ring.append_many(spans)
+
+    def record_batch(self, data: Any) -> int:
+        """Record columns of spans: the fast path. Return the rows accepted.
+
+        ``data`` is a pyarrow RecordBatch or Table, a :class:`SpanBatch`, or a
+        dict of NumPy / Arrow columns named as in :data:`knhk.SPAN_SCHEMA`
+        (``duration_ns`` may stand in for ``end_time_ns``). A missing or
+        mistyped column raises :class:`~knhk.errors.SchemaError` naming it, and
+        nothing of ``data`` is taken; invalid rows (null or all-zero ids, end
+        before start) are dropped and counted as ``invalid``, the rest go on.
+        """
+        rb, invalid = coerce_spans(data, default_service=self._service)
+        n_bad = int(invalid.sum())
+        if n_bad:
+            self._ring.count_invalid(n_bad)
+            rb = rb.filter(np.logical_not(invalid))
+        accepted = 0
+        adaptive = self._strategy is BackpressureStrategy.ADAPTIVE_SAMPLING
+        for offset in range(0, rb.num_rows, self._batch_size):
+            chunk = rb.slice(offset, self._batch_size)
+            if adaptive:
+                low = trace_id_low64(chunk.column("trace_id"))
+                errors = chunk.column("status_code").to_numpy() == 2
+                accepted += self._ring.offer(chunk, low, errors)
+            else:
+                accepted += self._ring.offer(chunk)
+        return accepted
+
+    def record_metric(self, point: MetricPoint | str, value: float | int | None = None,
+                      **fields: Any) -> bool:
+        """Record one metric point: a :class:`MetricPoint`, or its name, value and fields."""
+        if self._closed:
+            self._metrics.count_dropped("shutdown")
+            return False
+        if not isinstance(point, MetricPoint):
+            if not isinstance(point, str):
+                raise TypeError(
+                    f"record_metric takes a MetricPoint or a metric name, got "
+                    f"{type(point).__name__}")
+            point = MetricPoint(point, value, **fields)
+        elif value is not None or fields:
+            raise TypeError("record_metric(MetricPoint) takes no further arguments")
+        return self._metrics.append(point)
+
+    # -- the worker ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        ring = self._ring
+        interval = self._flush_interval
+        while True:
+            wait = ring.seal_if_due(interval)
+            item = ring.pop(timeout=max(0.001, min(wait, interval)))
+            if self._metrics.pending:
+                with self._lock:
+                    self._busy = True
+                try:
+                    for mb in self._metrics.drain(interval):
+                        self._deliver(MetricBatch(mb))
+                finally:
+                    with self._lock:
+                        self._busy = False
+            if item is None:
+                if self._stop.is_set() and ring.queued == 0 and ring.open_rows == 0:
+                    return
+                continue
+            with self._lock:
+                self._busy = True
+            try:
+                self._process(item[0], item[1])
+            except Exception:
+                logger.exception("pipeline worker failed on a batch; continuing")
+            finally:
+                with self._lock:
+                    self._busy = False
+
+    def _process(self, rb: Any, sealed_ns: int) -> None:
+        batch = SpanBatch._wrap(rb)
+        n = batch.num_rows
+        t0 = time.monotonic_ns()
+        if self._sampler is not None and self._strategy is BackpressureStrategy.ADAPTIVE_SAMPLING:
+            self._sampler.on_pressure(self._ring.occupancy)
+        counters: dict[str, int] = {}
+        for stage in self._stages:
+            try:
+                out = stage.process(batch) if hasattr(stage, "process") else stage(batch)
+            except Exception:
+                logger.exception("stage %r raised; the batch goes on unchanged", stage)
+                self._stage_errors += 1
+                continue
+            if out is None:
+                continue
+            if isinstance(out, StageResult):
+                for k, v in out.counters.items():
+                    counters[k] = counters.get(k, 0) + int(v)
+                batch = out.batch
+                if out.mask is not None:
+                    kept = batch.filter(out.mask)
+                    counters["sampled_out"] = counters.get("sampled_out", 0) + (
+                        batch.num_rows - kept.num_rows)
+                    batch = kept
+            elif isinstance(out, SpanBatch):
+                batch = out
+            else:
+                batch = SpanBatch(out)
+        t1 = time.monotonic_ns()
+        if batch.num_rows:
+            self._deliver(batch)
+        with self._lock:
+            self._processed += n
+            self._batches_processed += 1
+            self._sampled_out += counters.pop("sampled_out", 0)
+            for k, v in counters.items():
+                self._counters[k] = self._counters.get(k, 0) + v
+            self._latency.append((t1 - t0) / 1000.0)
+            self._e2e_latency.append((t1 - sealed_ns) / 1000.0)
+
+    def _deliver(self, batch: Any) -> None:
+        for w in self._workers:
+            w.submit(batch)
+        for sink in self._sinks:
+            with sink.cond:
+                if len(sink.queue) >= sink.capacity:
+                    sink.dropped += batch.num_rows
+                else:
+                    sink.queue.append(batch)
+                    sink.cond.notify()
+
+    # -- output --------------------------------------------------------------------
+
+    def event_stream(self, max_batches: int = 1024) -> Iterator[SpanBatch | MetricBatch]:
+        """Yield batches as they leave the stages, until the pipeline shuts down.
+
+        Subscribes when called; if the consumer falls ``max_batches`` behind,
+        newer batches are dropped for it and counted (``event_stream_full``).
+        """
+        sink = _Sink(max_batches)
+        with self._lock:
+            if self._closed:
+                raise PipelineClosedError("the pipeline is shut down")
+            self._sinks.append(sink)
+        return self._drain_sink(sink)
+
+    def _drain_sink(self, sink: _Sink) -> Iterator[SpanBatch | MetricBatch]:
+        try:
+            while True:
+                with sink.cond:
+                    while not sink.queue and not sink.closed:
+                        sink.cond.wait()
+                    if not sink.queue:
+                        return
+                    batch = sink.queue.popleft()
+                yield batch
+        finally:
+            with self._lock:
+                if sink in self._sinks:
+                    self._sinks.remove(sink)
+
+    # -- control -------------------------------------------------------------------
+
+    def _drained(self) -> bool:
+        with self._lock:
+            busy = self._busy
+        return (not busy and self._ring.queued == 0 and self._ring.open_rows == 0
+                and self._metrics.pending == 0)
+
+    def force_flush(self, timeout: float | timedelta | None = None) -> bool:
+        """Seal and process everything recorded so far and wait for the exporters.
+
+        Returns False if ``timeout`` (seconds; None waits up to 30 s) passed first.
+        """
+        deadline = time.monotonic() + _seconds(timeout, 30.0)
+        self._ring.seal()
+        self._metrics.seal()
+        while not self._drained():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.0005)
+        ok = all(w.wait_idle(deadline) for w in self._workers)
+        for w in self._workers:
+            try:
+                ok = w.exporter.force_flush(max(0.0, deadline - time.monotonic())) and ok
+            except Exception:
+                logger.exception("exporter %s raised in force_flush", w.name)
+                ok = False
+        return ok
+
+    def shutdown(self, timeout: float | timedelta | None = None) -> bool:
+        """Stop taking input, flush everything, shut the stages and exporters down.
+
+        Returns within ``timeout`` seconds (default 30) even if an exporter
+        hangs; True if everything recorded was processed and exported.
+        """
+        deadline = time.monotonic() + _seconds(timeout, 30.0)
+        with self._lock:
+            if self._closed:
+                return True
+            self._closed = True
+        self._ring.close()
+        self._metrics.close()
+        self._stop.set()
+        self._worker.join(max(0.0, deadline - time.monotonic()))
+        ok = not self._worker.is_alive()
+        for stage in self._stages:
+            flush = getattr(stage, "flush", None)
+            if callable(flush):
+                try:
+                    out = flush()
+                    if isinstance(out, SpanBatch) and out.num_rows:
+                        self._deliver(out)
+                except Exception:
+                    logger.exception("stage %r raised in flush", stage)
+        for w in self._workers:
+            ok = w.close(deadline) and ok
+        for sink in self._sinks:
+            with sink.cond:
+                sink.closed = True
+                sink.cond.notify_all()
+        for stage in self._stages:
+            close = getattr(stage, "shutdown", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception:
+                    logger.exception("stage %r raised in shutdown", stage)
+        return ok
+
+    def __enter__(self) -> TelemetryPipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def stats(self) -> PipelineStats:
+        ring = self._ring
+        drops = ring.dropped_counts()
+        by_reason = {DropReason(i).label: int(v) for i, v in enumerate(drops) if v}
+        for w in self._workers:
+            if w.stats.events_dropped_queue_full:
+                by_reason[f"export_queue_full:{w.name}"] = w.stats.events_dropped_queue_full
+            if w.stats.events_dropped_shutdown:
+                by_reason[f"export_shutdown:{w.name}"] = w.stats.events_dropped_shutdown
+        for sink in self._sinks:
+            if sink.dropped:
+                by_reason["event_stream_full"] = by_reason.get("event_stream_full", 0) + \
+                    sink.dropped
+        for reason, count in self._metrics.dropped.items():
+            by_reason[f"metrics_{reason}"] = count
+        with self._lock:
+            lat = np.fromiter(self._latency, dtype=np.float64)
+            e2e = np.fromiter(self._e2e_latency, dtype=np.float64)
+            processed, nb = self._processed, self._batches_processed
+            counters = dict(self._counters)
+            sampled, stage_errors = self._sampled_out, self._stage_errors
+        return PipelineStats(
+            events_received=int(ring.received),
+            events_processed=processed,
+            events_dropped=int(sum(drops)),
+            dropped_by_reason=by_reason,
+            events_sampled_out=sampled,
+            batches_created=int(ring.batches_created),
+            batches_processed=nb,
+            validation_errors=counters.get("validation_errors", 0),
+            export_errors=sum(w.stats.export_errors for w in self._workers),
+            avg_batch_size=processed / nb if nb else 0.0,
+            avg_processing_latency_us=float(lat.mean()) if lat.size else 0.0,
+            p99_processing_latency_us=float(np.percentile(lat, 99)) if lat.size else 0.0,
+            avg_pipeline_latency_us=float(e2e.mean()) if e2e.size else 0.0,
+            p99_pipeline_latency_us=float(np.percentile(e2e, 99)) if e2e.size else 0.0,
+            queue_occupancy=float(ring.occupancy),
+            queued_events=int(ring.queued + ring.open_rows),
+            metrics_received=self._metrics.received,
+            stage_errors=stage_errors,
+            counters=counters,
+            exporters={w.name: asdict(w.stats) for w in self._workers},
+        )
+
+
+def _seconds(value: float | timedelta | None, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    return float(value)
