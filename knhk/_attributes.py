@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-
 EMPTY, STRING, BOOL, INT, DOUBLE, ARRAY, KVLIST, BYTES = range(8)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 

@@ -451,17 +451,42 @@ def _typed_column(name: str, col: Any, target: pa.DataType) -> pa.Array:
             from None
 
 
+_ZERO: dict[str, Any] = {"buf": None, "size": 0}
+
+
+def _zeros(nbytes: int) -> pa.Buffer:
+    """A shared read-only zero buffer of at least ``nbytes`` (calloc'd, so cheap)."""
+    if _ZERO["size"] < nbytes:
+        size = max(nbytes, 1 << 16)
+        arr = np.zeros(size, dtype=np.uint8)
+        arr.flags.writeable = False
+        _ZERO["buf"], _ZERO["size"] = pa.py_buffer(arr), size
+    return _ZERO["buf"]
+
+
 def _default_column(name: str, n: int, default_service: str) -> pa.Array:
+    """The column a span has when the input lacks it: zeros and nulls over shared memory."""
     field = _SPAN_FIELDS[name]
     t = field.type
+    validity = _zeros((n + 7) // 8)
     if name == "service":
-        return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)),
-                                              pa.array([default_service]))
-    if name in _DEFAULTS or (pa.types.is_integer(t) and not field.nullable):
-        return pa.array(np.full(n, _DEFAULTS.get(name, 0), dtype=t.to_pandas_dtype()))
+        return pa.DictionaryArray.from_buffers(t, n, [None, _zeros(4 * n)],
+                                               pa.array([default_service]), 0)
+    if name == "kind":
+        return pa.array(np.full(n, _DEFAULTS["kind"], dtype=np.int8))
+    if pa.types.is_integer(t):
+        return pa.Array.from_buffers(t, n, [None, _zeros(n * t.bit_width // 8)])
     if pa.types.is_list(t):
-        return pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)),
-                                        pa.array([], type=t.value_type), type=t)
+        return pa.Array.from_buffers(t, n, [None, _zeros(4 * (n + 1))],
+                                     children=[pa.array([], type=t.value_type)])
+    if pa.types.is_dictionary(t):
+        return pa.DictionaryArray.from_buffers(t, n, [validity, _zeros(4 * n)],
+                                               pa.array([], type=pa.string()), n)
+    if pa.types.is_string(t):
+        return pa.Array.from_buffers(t, n, [validity, _zeros(4 * (n + 1)), _zeros(1)],
+                                     null_count=n)
+    if pa.types.is_fixed_size_binary(t):
+        return pa.Array.from_buffers(t, n, [validity, _zeros(n * t.byte_width)], null_count=n)
     return pa.nulls(n, type=t)
 
 
@@ -542,11 +567,14 @@ def _fill(arr: pa.Array, t: pa.DataType) -> pa.Array:
 def _invalid_rows(rb: pa.RecordBatch) -> np.ndarray:
     n = rb.num_rows
     bad = np.zeros(n, dtype=bool)
-    for name, width in (("trace_id", 16), ("span_id", 8)):
+    for name, words in (("trace_id", 2), ("span_id", 1)):
         col = rb.column(name)
-        raw = np.frombuffer(col.buffers()[1], np.uint8, count=(col.offset + n) * width)
-        raw = raw[col.offset * width:].reshape(n, width)
-        bad |= ~raw.any(axis=1)
+        raw = np.frombuffer(col.buffers()[1], np.uint64, count=(col.offset + n) * words)
+        raw = raw[col.offset * words:].reshape(n, words)
+        nonzero = raw[:, 0] != 0
+        if words == 2:
+            nonzero |= raw[:, 1] != 0
+        bad |= ~nonzero
     start = rb.column("start_time_ns").to_numpy()
     end = rb.column("end_time_ns").to_numpy()
     bad |= end < start

@@ -15,7 +15,7 @@ OTEL_SERVICE_NAME = "OTEL_SERVICE_NAME"
 """``service`` of spans and metric points that name none (default ``unknown_service``)."""
 
 KNHK_BATCH_SIZE = "KNHK_BATCH_SIZE"
-"""Default rows per sealed batch when the builder sets none (default 1000)."""
+"""Default rows per sealed batch when the builder sets none (default 4096)."""
 
 KNHK_CHANNEL_CAPACITY = "KNHK_CHANNEL_CAPACITY"
 """Default rows in flight in the ring buffer when the builder sets none (default 100000)."""

@@ -111,7 +111,7 @@ class PipelineBuilder:
     """Configures a :class:`TelemetryPipeline`; every ``with_*`` returns the builder."""
 
     def __init__(self) -> None:
-        self._batch_size = environment.positive_int(environment.KNHK_BATCH_SIZE, 1000)
+        self._batch_size = environment.positive_int(environment.KNHK_BATCH_SIZE, 4096)
         self._flush_interval = 0.1
         self._capacity = environment.positive_int(environment.KNHK_CHANNEL_CAPACITY, 100_000)
         self._compression: str | None = None

@@ -30,13 +30,13 @@ from libc.stdint cimport uintptr_t
 from libc.string cimport memcpy, memset
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
-from knhk._core._span cimport Span, SpanEvent, SpanLink
+from knhk._core._span cimport Span
 from knhk._core._types cimport (
     int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t,
     DROP_QUEUE_FULL, DROP_OLDEST, DROP_BLOCK_TIMEOUT, DROP_ADAPTIVE, DROP_SHUTDOWN,
     DROP_INVALID, N_DROP_REASONS,
-    BP_DROP_OLDEST, BP_DROP_NEWEST, BP_BLOCK, BP_ADAPTIVE,
-    ATTR_EMPTY, ATTR_STRING, ATTR_BOOL, ATTR_INT, ATTR_DOUBLE, ATTR_ARRAY, ATTR_KVLIST,
+    BP_DROP_OLDEST, BP_BLOCK, BP_ADAPTIVE,
+    ATTR_STRING, ATTR_BOOL, ATTR_INT, ATTR_DOUBLE, ATTR_ARRAY, ATTR_KVLIST,
     ATTR_BYTES,
 )
 
@@ -145,8 +145,6 @@ cdef class _AttrCol:
 
     def __cinit__(self, Py_ssize_t rows_cap, Py_ssize_t cap):
         self.rows_cap = rows_cap
-        self.a_off = np.empty(rows_cap + 1, dtype=np.int32)
-        self.off = <int32_t*>_data(self.a_off)
         self.cap = 0
         self._grow(max(cap, 16))
         self.reset()
@@ -155,10 +153,47 @@ cdef class _AttrCol:
         self.n = 0
         self.dirty_off = self.dirty_int = self.dirty_dbl = self.dirty_bool = False
         self.has_nonstr = False
-        self.sparse_bytes = []
-        self.sparse_any = []
-        self.keys = _Interner()
-        self.strs = _Interner()
+        self.sparse_bytes = None
+        self.sparse_any = None
+        self.keys = None
+        self.strs = None
+
+    # Memory that a column does not use is never allocated: the offsets and the
+    # int/double/bool children come into being the first time a segment needs
+    # them (and stay for the segment's next use from the pool).
+
+    cdef int _ensure_offsets(self) except -1:
+        if self.a_off is None:
+            self.a_off = np.empty(self.rows_cap + 1, dtype=np.int32)
+            self.off = <int32_t*>_data(self.a_off)
+        return 0
+
+    cdef int _ensure_int(self) except -1:
+        if self.a_int is None or self.a_int.shape[0] < self.cap:
+            a = np.empty(self.cap, np.int64)
+            if self.a_int is not None:
+                a[:self.n] = self.a_int[:self.n]
+            self.a_int = a
+            self.ival = <int64_t*>_data(a)
+        return 0
+
+    cdef int _ensure_dbl(self) except -1:
+        if self.a_dbl is None or self.a_dbl.shape[0] < self.cap:
+            a = np.empty(self.cap, np.float64)
+            if self.a_dbl is not None:
+                a[:self.n] = self.a_dbl[:self.n]
+            self.a_dbl = a
+            self.dval = <double*>_data(a)
+        return 0
+
+    cdef int _ensure_bool(self) except -1:
+        if self.a_bool is None or self.a_bool.shape[0] < self.cap:
+            a = np.empty(self.cap, np.uint8)
+            if self.a_bool is not None:
+                a[:self.n] = self.a_bool[:self.n]
+            self.a_bool = a
+            self.bval = <uint8_t*>_data(a)
+        return 0
 
     cdef int _grow(self, Py_ssize_t need) except -1:
         cdef Py_ssize_t cap = max(need, 2 * self.cap)
@@ -166,25 +201,21 @@ cdef class _AttrCol:
         a_key = np.empty(cap, np.int32)
         a_typ = np.empty(cap, np.int8)
         a_str = np.empty(cap, np.int32)
-        a_int = np.empty(cap, np.int64)
-        a_dbl = np.empty(cap, np.float64)
-        a_bool = np.empty(cap, np.uint8)
         if n:
             a_key[:n] = self.a_key[:n]
             a_typ[:n] = self.a_typ[:n]
             a_str[:n] = self.a_str[:n]
-            a_int[:n] = self.a_int[:n]
-            a_dbl[:n] = self.a_dbl[:n]
-            a_bool[:n] = self.a_bool[:n]
         self.a_key, self.a_typ, self.a_str = a_key, a_typ, a_str
-        self.a_int, self.a_dbl, self.a_bool = a_int, a_dbl, a_bool
         self.key = <int32_t*>_data(a_key)
         self.typ = <int8_t*>_data(a_typ)
         self.sidx = <int32_t*>_data(a_str)
-        self.ival = <int64_t*>_data(a_int)
-        self.dval = <double*>_data(a_dbl)
-        self.bval = <uint8_t*>_data(a_bool)
         self.cap = cap
+        if self.a_int is not None:
+            self._ensure_int()
+        if self.a_dbl is not None:
+            self._ensure_dbl()
+        if self.a_bool is not None:
+            self._ensure_bool()
         return 0
 
     cdef inline void end_row(self, Py_ssize_t row) noexcept:
@@ -199,8 +230,14 @@ cdef class _AttrCol:
         cdef long long iv
         cdef int8_t t
         if not self.dirty_off:
+            self._ensure_offsets()
             memset(self.off, 0, (row + 1) * sizeof(int32_t))
             self.dirty_off = True
+        if self.keys is None:
+            self.keys = _Interner()
+            self.strs = _Interner()
+            self.sparse_bytes = []
+            self.sparse_any = []
         if self.n + len(attrs) > self.cap:
             self._grow(self.n + len(attrs))
         for k, v in attrs.items():
@@ -215,6 +252,7 @@ cdef class _AttrCol:
             elif type(v) is bool:
                 t = ATTR_BOOL
                 if not self.dirty_bool:
+                    self._ensure_bool()
                     memset(self.bval, 0, i)
                     self.dirty_bool = True
                 self.bval[i] = (v is True)
@@ -224,12 +262,14 @@ cdef class _AttrCol:
                     raise ValueError(f"{field}[{k!r}] = {v} does not fit in int64")
                 t = ATTR_INT
                 if not self.dirty_int:
+                    self._ensure_int()
                     memset(self.ival, 0, i * sizeof(int64_t))
                     self.dirty_int = True
                 self.ival[i] = iv
             elif type(v) is float:
                 t = ATTR_DOUBLE
                 if not self.dirty_dbl:
+                    self._ensure_dbl()
                     memset(self.dval, 0, i * sizeof(double))
                     self.dirty_dbl = True
                 self.dval[i] = <double>v
@@ -257,16 +297,19 @@ cdef class _AttrCol:
             self.sidx[i] = self.strs.get(payload)
         elif t == ATTR_BOOL:
             if not self.dirty_bool:
+                self._ensure_bool()
                 memset(self.bval, 0, i)
                 self.dirty_bool = True
             self.bval[i] = payload
         elif t == ATTR_INT:
             if not self.dirty_int:
+                self._ensure_int()
                 memset(self.ival, 0, i * sizeof(int64_t))
                 self.dirty_int = True
             self.ival[i] = payload
         elif t == ATTR_DOUBLE:
             if not self.dirty_dbl:
+                self._ensure_dbl()
                 memset(self.dval, 0, i * sizeof(double))
                 self.dirty_dbl = True
             self.dval[i] = payload
@@ -279,9 +322,7 @@ cdef class _AttrCol:
     cdef object to_arrow(self, Py_ssize_t rows, object lease):
         cdef Py_ssize_t m = self.n
         if not self.dirty_off:
-            return pa.Array.from_buffers(
-                _T.ATTRIBUTES_TYPE, rows, [None, _zeros((rows + 1) * 4)],
-                children=[_empty_attrs()])
+            return _const("no_attrs", rows)
         typ = self.a_typ[:m]
         key = pa.DictionaryArray.from_buffers(
             _T.DICT_STR, m, [None, _fbuf(self.a_key, m * 4, lease)],
@@ -326,8 +367,7 @@ cdef object _empty_attrs():
 cdef object _numeric_child(object typ, Py_ssize_t m, bint dirty, object mask, object arr,
                            Py_ssize_t width, object lease):
     if not dirty:
-        return pa.Array.from_buffers(typ, m, [_zeros((m + 7) // 8), _zeros(m * width)],
-                                     null_count=m)
+        return _const("null_i64" if width == 8 and typ == pa.int64() else "null_f64", m)
     valid = int(np.count_nonzero(mask))
     return pa.Array.from_buffers(
         typ, m, [_bitmap(mask) if valid < m else None, _fbuf(arr, m * width, lease)],
@@ -336,8 +376,7 @@ cdef object _numeric_child(object typ, Py_ssize_t m, bint dirty, object mask, ob
 
 cdef object _bool_child(Py_ssize_t m, bint dirty, object mask, object arr):
     if not dirty:
-        return pa.Array.from_buffers(pa.bool_(), m, [_zeros((m + 7) // 8),
-                                                     _zeros((m + 7) // 8)], null_count=m)
+        return _const("null_bool", m)
     valid = int(np.count_nonzero(mask))
     return pa.Array.from_buffers(
         pa.bool_(), m,
@@ -348,9 +387,7 @@ cdef object _bool_child(Py_ssize_t m, bint dirty, object mask, object arr):
 
 cdef object _sparse_binary(Py_ssize_t m, list items):
     if not items:
-        return pa.Array.from_buffers(pa.binary(), m, [_zeros((m + 7) // 8),
-                                                      _zeros((m + 1) * 4), _zeros(1)],
-                                     null_count=m)
+        return _const("null_bin", m)
     values = [None] * m
     for i, payload in items:
         values[i] = payload
@@ -395,10 +432,6 @@ cdef class _Segment:
         self.a_start = np.empty(cap, np.int64)
         self.a_end = np.empty(cap, np.int64)
         self.a_status = np.empty(cap, np.int8)
-        self.a_flags = np.empty(cap, np.uint32)
-        self.a_tstate = np.empty(cap, np.int32)
-        self.a_scope_name = np.empty(cap, np.int32)
-        self.a_scope_ver = np.empty(cap, np.int32)
         self.trace = <uint8_t*>_data(self.a_trace)
         self.spanid = <uint8_t*>_data(self.a_span)
         self.parent = <uint8_t*>_data(self.a_parent)
@@ -409,14 +442,28 @@ cdef class _Segment:
         self.start = <int64_t*>_data(self.a_start)
         self.end = <int64_t*>_data(self.a_end)
         self.status = <int8_t*>_data(self.a_status)
-        self.flags = <uint32_t*>_data(self.a_flags)
-        self.tstate = <int32_t*>_data(self.a_tstate)
-        self.scope_name = <int32_t*>_data(self.a_scope_name)
-        self.scope_ver = <int32_t*>_data(self.a_scope_ver)
         self.attrs = _AttrCol(cap, cap * attrs_per_row)
         self.res = _AttrCol(cap, 16)
         self.scope_attrs = _AttrCol(cap, 16)
         self.reset()
+
+    # Rarely used columns are allocated the first time a segment needs them.
+
+    cdef int _ensure_sparse(self) except -1:
+        if self.tstates is None:
+            self.tstates = _Interner()
+            self.scope_names = _Interner()
+            self.scope_vers = _Interner()
+        if self.a_flags is None:
+            self.a_flags = np.empty(self.cap, np.uint32)
+            self.a_tstate = np.empty(self.cap, np.int32)
+            self.a_scope_name = np.empty(self.cap, np.int32)
+            self.a_scope_ver = np.empty(self.cap, np.int32)
+            self.flags = <uint32_t*>_data(self.a_flags)
+            self.tstate = <int32_t*>_data(self.a_tstate)
+            self.scope_name = <int32_t*>_data(self.a_scope_name)
+            self.scope_ver = <int32_t*>_data(self.a_scope_ver)
+        return 0
 
     cdef void reset(self):
         self.n = 0
@@ -428,9 +475,7 @@ cdef class _Segment:
         self.links = []
         self.names = _Interner()
         self.services = _Interner()
-        self.tstates = _Interner()
-        self.scope_names = _Interner()
-        self.scope_vers = _Interner()
+        self.tstates = self.scope_names = self.scope_vers = None
         self.attrs.reset()
         self.res.reset()
         self.scope_attrs.reset()
@@ -476,11 +521,13 @@ cdef class _Segment:
         self.end[row] = span.end_time_ns
         self.status[row] = span._status
         if span.flags != 0 and not self.dirty_flags:
+            self._ensure_sparse()
             memset(self.flags, 0, row * sizeof(uint32_t))
             self.dirty_flags = True
         if self.dirty_flags:
             self.flags[row] = span.flags
         if span.trace_state is not None and not self.dirty_tstate:
+            self._ensure_sparse()
             memset(self.tstate, 0xFF, row * sizeof(int32_t))
             self.dirty_tstate = True
         if self.dirty_tstate:
@@ -488,6 +535,7 @@ cdef class _Segment:
                                 else self.tstates.get(span.trace_state))
         if (span.scope_name is not None or span.scope_version is not None) \
                 and not self.dirty_scope:
+            self._ensure_sparse()
             memset(self.scope_name, 0xFF, row * sizeof(int32_t))
             memset(self.scope_ver, 0xFF, row * sizeof(int32_t))
             self.dirty_scope = True
@@ -529,10 +577,8 @@ cdef class _Segment:
             pa.Array.from_buffers(T.ID8, n, [pvalid, _fbuf(self.a_parent, n * 8, lease)],
                                   null_count=pnulls),
             self._dict_col(self.dirty_tstate, self.a_tstate, self.tstates, lease),
-            pa.Array.from_buffers(
-                pa.uint32(), n,
-                [None, _fbuf(self.a_flags, n * 4, lease) if self.dirty_flags
-                 else _zeros(n * 4)]),
+            (pa.Array.from_buffers(pa.uint32(), n, [None, _fbuf(self.a_flags, n * 4, lease)])
+             if self.dirty_flags else _zero_u32(n)),
             pa.DictionaryArray.from_buffers(
                 T.DICT_STR, n, [None, _fbuf(self.a_name, n * 4, lease)],
                 self.names.dictionary(), 0),
@@ -546,9 +592,9 @@ cdef class _Segment:
                 self.services.dictionary(), 0),
             self.attrs.to_arrow(n, lease),
             _zero_u32(n),
-            _nested_lists(n, self.events, T.EVENTS_TYPE, T.event_rows),
+            _nested_lists(n, self.events, "no_events", T.EVENTS_TYPE, T.event_rows),
             _zero_u32(n),
-            _nested_lists(n, self.links, T.LINKS_TYPE, T.link_rows),
+            _nested_lists(n, self.links, "no_links", T.LINKS_TYPE, T.link_rows),
             _zero_u32(n),
             self.res.to_arrow(n, lease),
             _zero_u32(n),
@@ -575,31 +621,82 @@ cdef class _Segment:
             interner.dictionary(), nulls)
 
 
+# Columns that are entirely null or zero are the same immutable array for every
+# batch of a given length: build each once and share it (an Arrow array costs
+# hundreds of bytes to kilobytes even over shared buffers).
+cdef dict _CONST = {}
+cdef object _EMPTY_STR = None
+
+
+cdef object _empty_strings():
+    global _EMPTY_STR
+    if _EMPTY_STR is None:
+        _EMPTY_STR = pa.array([], type=pa.string())
+    return _EMPTY_STR
+
+
+cdef object _const(str kind, Py_ssize_t n):
+    key = (kind, n)
+    arr = _CONST.get(key)
+    if arr is not None:
+        return arr
+    if kind == "null_dict":
+        arr = pa.DictionaryArray.from_buffers(
+            _T.DICT_STR, n, [_zeros((n + 7) // 8), _zeros(n * 4)], _empty_strings(), n)
+    elif kind == "zero_u32":
+        arr = pa.Array.from_buffers(pa.uint32(), n, [None, _zeros(n * 4)])
+    elif kind == "null_str":
+        arr = pa.Array.from_buffers(pa.string(), n,
+                                    [_zeros((n + 7) // 8), _zeros((n + 1) * 4), _zeros(1)],
+                                    null_count=n)
+    elif kind in ("null_i64", "null_f64"):
+        arr = pa.Array.from_buffers(pa.int64() if kind == "null_i64" else pa.float64(), n,
+                                    [_zeros((n + 7) // 8), _zeros(n * 8)], null_count=n)
+    elif kind == "null_bool":
+        arr = pa.Array.from_buffers(pa.bool_(), n, [_zeros((n + 7) // 8), _zeros((n + 7) // 8)],
+                                    null_count=n)
+    elif kind == "null_bin":
+        arr = pa.Array.from_buffers(pa.binary(), n,
+                                    [_zeros((n + 7) // 8), _zeros((n + 1) * 4), _zeros(1)],
+                                    null_count=n)
+    elif kind == "no_attrs":
+        arr = pa.Array.from_buffers(_T.ATTRIBUTES_TYPE, n, [None, _zeros((n + 1) * 4)],
+                                    children=[_empty_attrs()])
+    elif kind == "no_events":
+        arr = pa.Array.from_buffers(_T.EVENTS_TYPE, n, [None, _zeros((n + 1) * 4)],
+                                    children=[pa.array([], type=_T.EVENTS_TYPE.value_type)])
+    elif kind == "no_links":
+        arr = pa.Array.from_buffers(_T.LINKS_TYPE, n, [None, _zeros((n + 1) * 4)],
+                                    children=[pa.array([], type=_T.LINKS_TYPE.value_type)])
+    else:
+        raise KeyError(kind)
+    if len(_CONST) > 256:
+        _CONST.clear()
+    _CONST[key] = arr
+    return arr
+
+
 cdef object _null_dict(Py_ssize_t n):
-    return pa.DictionaryArray.from_buffers(
-        _T.DICT_STR, n, [_zeros((n + 7) // 8), _zeros(n * 4)],
-        pa.array([], type=pa.string()), n)
+    return _const("null_dict", n)
 
 
 cdef object _zero_u32(Py_ssize_t n):
-    return pa.Array.from_buffers(pa.uint32(), n, [None, _zeros(n * 4)])
+    return _const("zero_u32", n)
 
 
 cdef object _sparse_strings(Py_ssize_t n, list items):
     if not items:
-        return pa.Array.from_buffers(pa.string(), n,
-                                     [_zeros((n + 7) // 8), _zeros((n + 1) * 4), _zeros(1)],
-                                     null_count=n)
+        return _const("null_str", n)
     values = [None] * n
     for row, s in items:
         values[row] = s
     return pa.array(values, type=pa.string())
 
 
-cdef object _nested_lists(Py_ssize_t n, list items, object list_type, object to_rows):
+cdef object _nested_lists(Py_ssize_t n, list items, str empty, object list_type,
+                          object to_rows):
     if not items:
-        return pa.Array.from_buffers(list_type, n, [None, _zeros((n + 1) * 4)],
-                                     children=[pa.array([], type=list_type.value_type)])
+        return _const(empty, n)
     values = [[]] * n
     for row, objs in items:
         values[row] = to_rows(objs)
@@ -644,7 +741,7 @@ cdef class SpanRing:
 
     def __cinit__(self, Py_ssize_t batch_size, Py_ssize_t capacity, int strategy=0,
                   double block_timeout=1.0, str default_service="unknown_service",
-                  Py_ssize_t attrs_per_row=4, double admit_floor=0.05):
+                  Py_ssize_t attrs_per_row=2, double admit_floor=0.05):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if capacity < batch_size:

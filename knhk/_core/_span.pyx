@@ -100,7 +100,7 @@ cdef class Span:
                  end_time_ns=None, kind=1, service=None, events=None, links=None,
                  status_message=None, trace_state=None, flags=0,
                  resource_attributes=None, scope_name=None, scope_version=None):
-        cdef int64_t start, end, dur
+        cdef int64_t start, end
         cdef long k, st
         self.name = name
         self.trace_id = normalize_id(trace_id, 16, "trace_id")
@@ -119,8 +119,8 @@ cdef class Span:
             start = _time_arg(start_time_ns, "start_time_ns")
             if end_time_ns is not None:
                 end = _time_arg(end_time_ns, "end_time_ns")
-                if duration_ns is not None and end - start != _time_arg(duration_ns,
-                                                                       "duration_ns"):
+                if duration_ns is not None and \
+                        end - start != _time_arg(duration_ns, "duration_ns"):
                     raise ValueError(
                         "duration_ns disagrees with end_time_ns - start_time_ns")
             else:

@@ -1,0 +1,391 @@
+"""Ingest: record_span and record_batch beside the OpenTelemetry SDK.
+
+Run the side-by-side scenarios with ``python benchmarks/run.py ingest`` (figures
+go to RESULTS.md) or the pytest-benchmark form with
+``pytest benchmarks/bench_ingest.py --benchmark-only``.
+
+The reference span is a span as users write it: a name, a trace and span id,
+start and end times and two string attributes. The OpenTelemetry peer produces
+the same spans through a TracerProvider with a BatchSpanProcessor whose
+exporter discards them (queue sized so nothing is dropped).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _harness import Result, median_rate, rss_bytes
+
+import knhk
+from knhk.exporters.base import Exporter, ExportResult
+
+ATTRS = {"http.request.method": "GET", "http.route": "/users/{id}"}
+
+
+class Discard(Exporter):
+    name = "discard"
+    queue_size = 1 << 20
+
+    def export(self, batch):
+        return ExportResult.SUCCESS
+
+
+def _ids(n: int, seed: int = 1) -> tuple[list[bytes], list[bytes]]:
+    rng = random.Random(seed)
+    traces = [rng.getrandbits(128).to_bytes(16, "big") for _ in range(max(1, n // 10))]
+    spans = [rng.getrandbits(64).to_bytes(8, "big") for _ in range(n)]
+    return traces, spans
+
+
+def knhk_record_span(n: int) -> tuple[int, float]:
+    traces, spans = _ids(n)
+    pipeline = (knhk.TelemetryPipeline.builder().with_batch_size(1000)
+                .with_channel_capacity(max(n, 100_000)).with_exporter(Discard()).build())
+    record, Span = pipeline.record_span, knhk.Span
+    nt = len(traces)
+    t0 = time.perf_counter()
+    for i in range(n):
+        record(Span(name="GET /users/{id}", trace_id=traces[i % nt], span_id=spans[i],
+                    start_time_ns=1_700_000_000_000_000_000 + i,
+                    end_time_ns=1_700_000_000_000_100_000 + i, attributes=ATTRS))
+    pipeline._ring.seal()
+    dt = time.perf_counter() - t0
+    pipeline.shutdown()
+    assert pipeline.stats().events_processed == n
+    return n, dt
+
+
+def _otel_tracer(n: int):
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    class DiscardOtel(SpanExporter):
+        def export(self, spans):
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(DiscardOtel(), max_queue_size=n + 1))
+    return provider, provider.get_tracer("bench")
+
+
+def otel_record_span(n: int) -> tuple[int, float]:
+    provider, tracer = _otel_tracer(n)
+    t0 = time.perf_counter()
+    for i in range(n):
+        span = tracer.start_span("GET /users/{id}", attributes=ATTRS,
+                                 start_time=1_700_000_000_000_000_000 + i)
+        span.end(end_time=1_700_000_000_000_100_000 + i)
+    dt = time.perf_counter() - t0
+    provider.shutdown()
+    return n, dt
+
+
+def otel_record_span_idiomatic(n: int) -> tuple[int, float]:
+    """The SDK as its documentation writes it: a context-managed current span."""
+    provider, tracer = _otel_tracer(n)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        with tracer.start_as_current_span("GET /users/{id}", attributes=ATTRS):
+            pass
+    dt = time.perf_counter() - t0
+    provider.shutdown()
+    return n, dt
+
+
+def latency_percentiles(n: int = 200_000) -> tuple[dict, dict]:
+    traces, spans = _ids(n)
+    pipeline = (knhk.TelemetryPipeline.builder().with_channel_capacity(max(n, 100_000))
+                .with_exporter(Discard()).build())
+    record, Span, clock = pipeline.record_span, knhk.Span, time.perf_counter_ns
+    nt = len(traces)
+    lat = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        s = Span(name="GET /users/{id}", trace_id=traces[i % nt], span_id=spans[i],
+                 start_time_ns=1, end_time_ns=2, attributes=ATTRS)
+        t0 = clock()
+        record(s)
+        lat[i] = clock() - t0
+    pipeline.shutdown()
+    provider, tracer = _otel_tracer(n)
+    olat = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        t0 = clock()
+        span = tracer.start_span("GET /users/{id}", attributes=ATTRS, start_time=1)
+        span.end(end_time=2)
+        olat[i] = clock() - t0
+    provider.shutdown()
+    pct = (50, 99, 99.9)
+    return ({p: float(np.percentile(lat, p)) / 1000 for p in pct},
+            {p: float(np.percentile(olat, p)) / 1000 for p in pct})
+
+
+def _columns(n: int, seed: int = 2) -> dict:
+    rng = np.random.default_rng(seed)
+    trace = rng.integers(0, 256, size=(n // 10 + 1, 16), dtype=np.uint8)[np.arange(n) // 10]
+    trace[:, 0] |= 1
+    span = rng.integers(0, 256, size=(n, 8), dtype=np.uint8)
+    span[:, 0] |= 1
+    start = 1_700_000_000_000_000_000 + np.arange(n, dtype=np.int64) * 1000
+    names = pa.DictionaryArray.from_arrays(
+        pa.array(rng.integers(0, 16, n, dtype=np.int32)),
+        pa.array([f"op-{i}" for i in range(16)]))
+    return {"trace_id": trace, "span_id": span, "name": names, "start_time_ns": start,
+            "end_time_ns": start + rng.integers(1000, 10**7, n)}
+
+
+def knhk_record_batch(data, n: int) -> tuple[int, float]:
+    pipeline = (knhk.TelemetryPipeline.builder().with_batch_size(10_000)
+                .with_channel_capacity(n + 10_000).with_exporter(Discard()).build())
+    t0 = time.perf_counter()
+    accepted = pipeline.record_batch(data)
+    dt = time.perf_counter() - t0
+    pipeline.shutdown()
+    assert accepted == n, accepted
+    return n, dt
+
+
+def otel_batch_processor(n: int) -> tuple[int, float]:
+    """The SDK's own bulk path: finished ReadableSpans handed to BatchSpanProcessor.on_end."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    class DiscardOtel(SpanExporter):
+        def export(self, spans):
+            return SpanExportResult.SUCCESS
+
+    tracer = TracerProvider().get_tracer("bench")
+    finished = []
+    for i in range(n):
+        s = tracer.start_span("op", attributes=ATTRS, start_time=i + 1)
+        s.end(end_time=i + 2)
+        finished.append(s)
+    proc = BatchSpanProcessor(DiscardOtel(), max_queue_size=n + 1)
+    t0 = time.perf_counter()
+    for s in finished:
+        proc.on_end(s)
+    dt = time.perf_counter() - t0
+    proc.shutdown()
+    return n, dt
+
+
+_MEMORY_CHILD = r"""
+import gc, os, sys, random
+sys.path.insert(0, {bench!r})
+from _harness import rss_bytes
+import knhk
+from knhk._build import load_core
+n = {n}
+rng = random.Random(3)
+traces = [rng.getrandbits(128).to_bytes(16, "big") for _ in range(n // 10)]
+spans = [rng.getrandbits(64).to_bytes(8, "big") for _ in range(n)]
+attrs = {attrs!r}
+mode = {mode!r}
+gc.collect()
+if mode == "knhk-held":
+    ring = load_core("_ringbuffer").SpanRing(1000, n + 1000)
+    Span = knhk.Span
+    before = rss_bytes()
+    for i in range(n):
+        ring.append(Span("GET /users/{{id}}", trace_id=traces[i % len(traces)],
+                         span_id=spans[i], start_time_ns=1_700_000_000_000_000_000 + i,
+                         end_time_ns=1_700_000_000_000_100_000 + i, attributes=attrs))
+    ring.seal()
+elif mode == "otel-held":
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    exp = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exp))
+    tracer = provider.get_tracer("bench")
+    before = rss_bytes()
+    for i in range(n):
+        s = tracer.start_span("GET /users/{{id}}", attributes=attrs,
+                              start_time=1_700_000_000_000_000_000 + i)
+        s.end(end_time=1_700_000_000_000_100_000 + i)
+    del s
+gc.collect()
+print(rss_bytes() - before)
+"""
+
+
+def resident_bytes_per_span(mode: str, n: int) -> float:
+    code = _MEMORY_CHILD.format(bench=os.path.dirname(os.path.abspath(__file__)), n=n,
+                                attrs=ATTRS, mode=mode)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True).stdout
+    return int(out.strip().splitlines()[-1]) / n
+
+
+def disk_bytes_per_span(n: int) -> tuple[float, float, float]:
+    """lz4 Arrow IPC of generated spans vs the same spans as OTLP protobuf (raw, zstd)."""
+    import io
+
+    import zstandard
+
+    from knhk import workload
+
+    batch = workload.generate(n, workload.WorkloadConfig(seed=5))
+    sink = io.BytesIO()
+    with pa.ipc.new_file(sink, knhk.SPAN_SCHEMA,
+                         options=pa.ipc.IpcWriteOptions(compression="lz4")) as w:
+        for off in range(0, n, 10_000):
+            w.write_batch(batch.record_batch.slice(off, 10_000))
+    ipc = len(sink.getvalue()) / n
+    otlp = _otlp_bytes(batch)
+    return ipc, len(otlp) / n, len(zstandard.ZstdCompressor(level=3).compress(otlp)) / n
+
+
+def _otlp_bytes(batch) -> bytes:
+    """Encode spans as an OTLP ExportTraceServiceRequest with opentelemetry-proto."""
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts
+    from opentelemetry.proto.common.v1 import common_pb2 as cm
+    from opentelemetry.proto.resource.v1 import resource_pb2 as rs
+    from opentelemetry.proto.trace.v1 import trace_pb2 as tr
+
+    from knhk._attributes import attributes_dict
+
+    def kv(d):
+        out = []
+        for k, v in d.items():
+            if isinstance(v, bool):
+                av = cm.AnyValue(bool_value=v)
+            elif isinstance(v, int):
+                av = cm.AnyValue(int_value=v)
+            elif isinstance(v, float):
+                av = cm.AnyValue(double_value=v)
+            else:
+                av = cm.AnyValue(string_value=str(v))
+            out.append(cm.KeyValue(key=k, value=av))
+        return out
+
+    by_service: dict[str, list] = {}
+    resources: dict[str, list] = {}
+    for row in batch.record_batch.to_pylist():
+        span = tr.Span(trace_id=row["trace_id"], span_id=row["span_id"],
+                       parent_span_id=row["parent_span_id"] or b"", name=row["name"],
+                       kind=row["kind"], start_time_unix_nano=row["start_time_ns"],
+                       end_time_unix_nano=row["end_time_ns"],
+                       attributes=kv(attributes_dict(row["attributes"])),
+                       status=tr.Status(code=row["status_code"],
+                                        message=row["status_message"] or ""))
+        by_service.setdefault(row["service"], []).append(span)
+        resources.setdefault(row["service"], kv(attributes_dict(row["resource_attributes"])))
+    req = ts.ExportTraceServiceRequest(resource_spans=[
+        tr.ResourceSpans(resource=rs.Resource(attributes=resources[svc]),
+                         scope_spans=[tr.ScopeSpans(spans=spans)])
+        for svc, spans in by_service.items()])
+    return req.SerializeToString()
+
+
+def scenarios(quick: bool = False) -> list[Result]:
+    runs = 3 if quick else 5
+    n = 200_000 if quick else 1_000_000
+    results = []
+
+    k_rate, k_all = median_rate(lambda: knhk_record_span(n), runs)
+    o_rate, o_all = median_rate(lambda: otel_record_span(min(n, 100_000)), runs)
+    oi_rate, oi_all = median_rate(lambda: otel_record_span_idiomatic(min(n, 100_000)), runs)
+    results.append(Result(
+        "record_span(Span(...)), 2 string attributes, into sealed batches", "spans/s",
+        k_rate, o_rate,
+        "opentelemetry-sdk start_span()/end(), BatchSpanProcessor + discarding exporter",
+        ">= 2,000,000 spans/s and >= 60x the SDK", k_rate >= 2e6 and k_rate / o_rate >= 60,
+        runs, f"{n:,} spans per run (SDK {min(n, 100_000):,}); ids precomputed",
+        {"knhk_runs": k_all, "peer_runs": o_all}))
+    results.append(Result(
+        "record_span(Span(...)) vs the SDK's idiomatic `with start_as_current_span()`",
+        "spans/s", k_rate, oi_rate,
+        "opentelemetry-sdk start_as_current_span context manager, BatchSpanProcessor",
+        ">= 60x the SDK", k_rate / oi_rate >= 60, runs, "same knhk runs as above",
+        {"peer_runs": oi_all}))
+
+    k_lat, o_lat = latency_percentiles(200_000 if quick else 500_000)
+    results.append(Result(
+        "record_span call latency p99 (not blocked)", "us", k_lat[99], o_lat[99],
+        "opentelemetry-sdk start_span+end", "<= 5 us", k_lat[99] <= 5.0, 1,
+        "perf_counter_ns around each call; includes the timer's own cost",
+        {"knhk_p50": k_lat[50], "knhk_p999": k_lat[99.9], "peer_p50": o_lat[50]}))
+
+    nb = 1_000_000
+    cols = _columns(nb)
+    table = knhk.SpanBatch(cols).record_batch
+    a_rate, a_all = median_rate(lambda: knhk_record_batch(table, nb), runs)
+    np_rate, np_all = median_rate(lambda: knhk_record_batch(cols, nb), runs)
+    ob_rate, ob_all = median_rate(lambda: otel_batch_processor(100_000), runs)
+    results.append(Result(
+        "record_batch of 1,000,000 spans (Arrow RecordBatch) into sealed batches", "spans/s",
+        a_rate, ob_rate, "opentelemetry-sdk BatchSpanProcessor.on_end of finished spans",
+        ">= 20,000,000 spans/s", a_rate >= 2e7, runs, "",
+        {"knhk_runs": a_all, "peer_runs": ob_all}))
+    results.append(Result(
+        "record_batch of 1,000,000 spans (dict of NumPy columns) into sealed batches",
+        "spans/s", np_rate, ob_rate,
+        "opentelemetry-sdk BatchSpanProcessor.on_end of finished spans",
+        ">= 20,000,000 spans/s", np_rate >= 2e7, runs,
+        "ids as (n,16)/(n,8) uint8, times int64, names an Arrow dictionary array; "
+        "NumPy input is copied", {"knhk_runs": np_all}))
+
+    nm = 200_000 if quick else 1_000_000
+    k_mem = resident_bytes_per_span("knhk-held", nm)
+    o_mem = resident_bytes_per_span("otel-held", min(nm, 200_000))
+    results.append(Result(
+        "resident bytes per reference span held in sealed batches", "bytes/span", k_mem,
+        o_mem, "opentelemetry-sdk ReadableSpan held by InMemorySpanExporter",
+        "<= 100 bytes/span; 1M spans in flight <= 150 MB",
+        k_mem <= 100 and k_mem * 1e6 <= 150e6, 1,
+        f"RSS growth in a fresh process over {nm:,} spans (SDK {min(nm, 200_000):,})",
+        {"mb_per_million": k_mem}))
+
+    try:
+        ipc, otlp, otlp_zstd = disk_bytes_per_span(100_000)
+        results.append(Result(
+            "bytes per span on disk, Arrow IPC lz4 (generated workload)", "bytes/span", ipc,
+            otlp_zstd, "OTLP protobuf + zstd (opentelemetry-proto), same spans", "<= 50",
+            ipc <= 50, 1, f"OTLP protobuf uncompressed: {otlp:.1f} bytes/span"))
+    except ImportError as exc:  # the workload generator lands separately
+        results.append(Result("bytes per span on disk", "bytes/span", float("nan"),
+                              notes=f"skipped: {exc}"))
+    return results
+
+
+# -- pytest-benchmark form ----------------------------------------------------------
+
+@pytest.mark.parametrize("n", [100_000])
+def test_record_span(benchmark, n):
+    benchmark.pedantic(knhk_record_span, args=(n,), rounds=3)
+
+
+@pytest.mark.parametrize("n", [100_000])
+def test_otel_record_span(benchmark, n):
+    benchmark.pedantic(otel_record_span, args=(n,), rounds=3)
+
+
+@pytest.mark.parametrize("n", [100_000, 1_000_000])
+def test_record_batch_arrow(benchmark, n):
+    rb = knhk.SpanBatch(_columns(n)).record_batch
+    benchmark.pedantic(knhk_record_batch, args=(rb, n), rounds=3)
+
+
+if __name__ == "__main__":
+    for r in scenarios(quick="--quick" in sys.argv):
+        print(r.as_dict())
+    del statistics, rss_bytes
