@@ -146,6 +146,12 @@ class PipelineBuilder:
         return self
 
     def with_compression(self, compression: str | None) -> PipelineBuilder:
+        """Default compression of the exporters that compress (IPC files, OTLP).
+
+        An exporter built without an explicit compression takes this one
+        (through its ``set_default_compression`` method); ``None`` leaves each
+        exporter's own default.
+        """
         if compression not in _COMPRESSIONS:
             raise ValueError(
                 f"The compression must be one of gzip, lz4, zstd or None, got {compression!r}.")
@@ -268,6 +274,11 @@ class TelemetryPipeline:
 
             self._sampler = AdaptiveSamplingStrategy(config._sampling)
             self._stages.append(self._sampler)
+        if config._compression is not None:
+            for exporter in config._exporters:
+                setter = getattr(exporter, "set_default_compression", None)
+                if callable(setter):
+                    setter(config._compression)
         self._workers = [ExporterWorker(e) for e in config._exporters]
         self._sinks: list[_Sink] = []
         self._lock = threading.Lock()

@@ -163,9 +163,12 @@ cdef class Span:
         if trace_state is not None and not isinstance(trace_state, str):
             raise TypeError(f"trace_state must be a str, got {type(trace_state).__name__}")
         self.trace_state = trace_state or None
-        if not isinstance(flags, int) or flags < 0 or flags > 0xFFFFFFFF:
-            raise TypeError(f"flags must be an int in 0 .. 2**32 - 1, got {flags!r}")
-        self.flags = flags
+        if type(flags) is not int and (not isinstance(flags, int) or isinstance(flags, bool)):
+            raise TypeError(f"flags must be an int, got {type(flags).__name__}")
+        if flags:
+            if flags < 0 or flags > 0xFFFFFFFF:
+                raise ValueError(f"flags must be in 0 .. 2**32 - 1, got {flags}")
+            self.flags = flags
         if scope_name is not None and not isinstance(scope_name, str):
             raise TypeError(f"scope_name must be a str, got {type(scope_name).__name__}")
         self.scope_name = scope_name
