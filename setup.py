@@ -5,11 +5,13 @@ and wraparound back on for debugging a kernel.
 """
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_py import build_py
 
 DEBUG = os.environ.get("KNHK_CYTHON_DEBUG", "") not in ("", "0")
 
@@ -33,4 +35,21 @@ extensions = [
     for path in sorted(Path("knhk/_core").glob("*.pyx"))
 ]
 
-setup(ext_modules=cythonize(extensions, compiler_directives=directives))
+
+
+class build_py_with_registry(build_py):
+    """Bundle the repo's ``registry/`` as ``knhk/_registry`` for installs outside the repo."""
+
+    def run(self):
+        super().run()
+        src = Path(__file__).parent / "registry"
+        if src.is_dir() and not self.editable_mode:
+            dst = Path(self.build_lib) / "knhk" / "_registry"
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".*"))
+
+
+setup(
+    ext_modules=cythonize(extensions, compiler_directives=directives),
+    cmdclass={"build_py": build_py_with_registry},
+)

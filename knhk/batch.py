@@ -63,8 +63,6 @@ class SpanBatch:
     def __init__(self, data: Any, *, default_service: str = "unknown_service") -> None:
         if isinstance(data, SpanBatch):
             self._rb = data._rb
-        elif isinstance(data, pa.RecordBatch) and data.schema.equals(SPAN_SCHEMA):
-            self._rb = data
         else:
             rb, invalid = coerce_spans(data, default_service=default_service)
             if invalid.any():

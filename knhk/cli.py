@@ -244,11 +244,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _default_registry() -> str | None:
-    here = os.path.join(os.getcwd(), "registry")
-    if os.path.isdir(here):
-        return here
-    bundled = os.path.join(os.path.dirname(__file__), "_registry")
-    return bundled if os.path.isdir(bundled) else None
+    """``./registry``, else the registry bundled with the package (or beside a source tree)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    for candidate in (os.path.join(os.getcwd(), "registry"),
+                      os.path.join(package, "_registry"),
+                      os.path.join(os.path.dirname(package), "registry")):
+        if os.path.isfile(os.path.join(candidate, "registry_manifest.yaml")) or \
+                os.path.isfile(os.path.join(candidate, "manifest.yaml")):
+            return candidate
+    return None
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
