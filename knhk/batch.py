@@ -499,6 +499,7 @@ def coerce_spans(data: Any, *, default_service: str = "unknown_service"
     to the caller's arrays cannot reach a sealed batch.
     """
     if isinstance(data, pa.RecordBatch) and data.schema.equals(SPAN_SCHEMA):
+        _check_enums(data.column("kind"), data.column("status_code"))
         return data, _invalid_rows(data)
     cols, n = _columns_of(data)
     duration = cols.pop("duration_ns", None)
@@ -540,16 +541,19 @@ def coerce_spans(data: Any, *, default_service: str = "unknown_service"
         if not field.nullable and arr.null_count:
             invalid |= ~np.asarray(arr.is_valid().to_numpy(zero_copy_only=False))
             arrays[i] = _fill(arr, field.type)
-    for name in ("kind", "status_code"):
-        i = SPAN_SCHEMA.get_field_index(name)
-        v = arrays[i].to_numpy()
-        hi = 5 if name == "kind" else 2
+    _check_enums(arrays[SPAN_SCHEMA.get_field_index("kind")],
+                 arrays[SPAN_SCHEMA.get_field_index("status_code")])
+    rb = pa.RecordBatch.from_arrays(arrays, schema=SPAN_SCHEMA)
+    return rb, invalid | _invalid_rows(rb)
+
+
+def _check_enums(kind: pa.Array, status: pa.Array) -> None:
+    for name, col, hi in (("kind", kind, 5), ("status_code", status, 2)):
+        v = col.to_numpy(zero_copy_only=False)
         if v.size and (v.min() < 0 or v.max() > hi):
             bad = int(np.flatnonzero((v < 0) | (v > hi))[0])
             raise SchemaError(f"column {name!r}: values must be in 0..{hi}; row {bad} "
                               f"has {int(v[bad])}")
-    rb = pa.RecordBatch.from_arrays(arrays, schema=SPAN_SCHEMA)
-    return rb, invalid | _invalid_rows(rb)
 
 
 def _fill(arr: pa.Array, t: pa.DataType) -> pa.Array:

@@ -316,10 +316,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "spans", 1) is not None and getattr(args, "spans", 1) < 0:
         print("error: --spans must be >= 0", file=sys.stderr)
         return 2
+    from knhk.errors import KnhkError
+
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except (KnhkError, ValueError, OSError) as exc:
+        print(f"knhk {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

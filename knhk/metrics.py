@@ -13,6 +13,7 @@ import time
 from collections import deque
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from knhk._attributes import attribute_rows
@@ -23,7 +24,45 @@ __all__ = ["MetricBuffer", "metric_batch"]
 _COLUMNS = METRIC_SCHEMA.names
 
 
+_INT64 = (-(2**63), 2**63 - 1)
+_UINT64_MAX = 2**64 - 1
+
+
+def _opt_str(point: MetricPoint, field: str) -> str | None:
+    value = getattr(point, field)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"metric {point.name!r}: {field} must be a str, "
+                        f"got {type(value).__name__}")
+    return value
+
+
+def _time(point: MetricPoint, field: str, default: int) -> int:
+    value = getattr(point, field)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"metric {point.name!r}: {field} must be an int of nanoseconds, "
+                        f"got {type(value).__name__}")
+    value = int(value)
+    if not _INT64[0] <= value <= _INT64[1]:
+        raise ValueError(f"metric {point.name!r}: {field} = {value} does not fit in int64")
+    return value
+
+
+def _opt_float(point: MetricPoint, field: str) -> float | None:
+    value = getattr(point, field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(f"metric {point.name!r}: {field} must be a number, "
+                        f"got {type(value).__name__}")
+    return float(value)
+
+
 def _check(point: MetricPoint) -> dict[str, Any]:
+    """One point as a row of ``METRIC_SCHEMA``; raises naming the field on bad input."""
     if not isinstance(point.name, str) or not point.name:
         raise TypeError(f"metric name must be a non-empty str, got {point.name!r}")
     try:
@@ -36,39 +75,57 @@ def _check(point: MetricPoint) -> dict[str, Any]:
     except ValueError:
         raise ValueError(f"metric {point.name!r}: temporality must be a Temporality, "
                          f"got {point.temporality!r}") from None
-    now = time.time_ns()
+    if point.attributes is not None and not isinstance(point.attributes, dict):
+        raise TypeError(f"metric {point.name!r}: attributes must be a dict, "
+                        f"got {type(point.attributes).__name__}")
+    time_ns = _time(point, "time_ns", time.time_ns())
+    start_ns = _time(point, "start_time_ns", time_ns)
+    if start_ns > time_ns:
+        raise ValueError(f"metric {point.name!r}: start_time_ns ({start_ns}) is after "
+                         f"time_ns ({time_ns})")
     row: dict[str, Any] = {
-        "name": point.name, "description": point.description or None,
-        "unit": point.unit or None, "kind": int(kind), "temporality": int(temporality),
+        "name": point.name, "description": _opt_str(point, "description"),
+        "unit": _opt_str(point, "unit"), "kind": int(kind), "temporality": int(temporality),
         "monotonic": (kind is MetricKind.COUNTER if point.monotonic is None
                       else bool(point.monotonic)),
-        "time_ns": now if point.time_ns is None else int(point.time_ns),
-        "flags": 0, "service": point.service,
+        "start_time_ns": start_ns, "time_ns": time_ns,
+        "flags": 0, "service": _opt_str(point, "service"),
         "attributes": attribute_rows(point.attributes, f"metric {point.name!r} attributes"),
         "resource_attributes": [], "scope_name": None, "scope_version": None,
         "value": None, "int_value": None, "count": None, "sum": None, "min": None,
         "max": None, "bounds": None, "bucket_counts": None,
     }
-    row["start_time_ns"] = row["time_ns"] if point.start_time_ns is None \
-        else int(point.start_time_ns)
     if kind is MetricKind.HISTOGRAM:
         bounds, counts = point.bounds, point.bucket_counts
         if bounds is None or counts is None:
             raise ValueError(f"histogram {point.name!r} needs bounds and bucket_counts")
-        bounds = [float(b) for b in bounds]
-        counts = [int(c) for c in counts]
+        try:
+            bounds = [float(b) for b in bounds]
+            counts = [int(c) for c in counts]
+        except (TypeError, ValueError):
+            raise TypeError(f"histogram {point.name!r}: bounds must be numbers and "
+                            "bucket_counts ints") from None
+        if any(math.isnan(b) for b in bounds):
+            raise ValueError(f"histogram {point.name!r}: bounds must not be NaN")
         if len(counts) != len(bounds) + 1:
             raise ValueError(
                 f"histogram {point.name!r}: bucket_counts needs len(bounds) + 1 = "
                 f"{len(bounds) + 1} entries, got {len(counts)}")
         if any(b >= a for a, b in zip(bounds[1:], bounds, strict=False)):
             raise ValueError(f"histogram {point.name!r}: bounds must increase strictly")
-        if any(c < 0 for c in counts):
-            raise ValueError(f"histogram {point.name!r}: bucket counts must be >= 0")
-        row.update(bounds=bounds, bucket_counts=counts, count=sum(counts),
-                   sum=point.sum, min=point.min, max=point.max)
+        if any(c < 0 or c > _UINT64_MAX for c in counts):
+            raise ValueError(f"histogram {point.name!r}: bucket counts must be >= 0 and "
+                             "fit in uint64")
+        total = sum(counts)
+        if total > _UINT64_MAX:
+            raise ValueError(f"histogram {point.name!r}: the total count exceeds uint64")
+        row.update(bounds=bounds, bucket_counts=counts, count=total,
+                   sum=_opt_float(point, "sum"), min=_opt_float(point, "min"),
+                   max=_opt_float(point, "max"))
     else:
         v = point.value
+        if isinstance(v, np.integer | np.floating):
+            v = v.item()
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise TypeError(f"metric {point.name!r}: value must be an int or float, "
                             f"got {type(v).__name__}")
@@ -76,11 +133,11 @@ def _check(point: MetricPoint) -> dict[str, Any]:
             raise ValueError(f"metric {point.name!r}: a {kind.name} value cannot be NaN")
         if kind is MetricKind.COUNTER and v < 0 and temporality is Temporality.DELTA:
             raise ValueError(f"counter {point.name!r}: a delta must be >= 0, got {v}")
-        row["value"] = float(v)
         if isinstance(v, int):
-            if not -(2**63) <= v < 2**63:
+            if not _INT64[0] <= v <= _INT64[1]:
                 raise ValueError(f"metric {point.name!r}: {v} does not fit in int64")
             row["int_value"] = v
+        row["value"] = float(v)
     return row
 
 
@@ -130,10 +187,25 @@ class MetricBuffer:
         return True
 
     def _seal_locked(self) -> None:
-        if self._rows:
-            self._ready.append(metric_batch(self._rows))
-            self._ready_rows += len(self._rows)
-            self._rows = []
+        if not self._rows:
+            return
+        rows, self._rows = self._rows, []
+        try:
+            rb = metric_batch(rows)
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+            # A row slipped past the checks: keep the good rows, count the bad.
+            good = []
+            for row in rows:
+                try:
+                    metric_batch([row])
+                    good.append(row)
+                except (pa.ArrowException, TypeError, ValueError, OverflowError):
+                    self.dropped["invalid"] = self.dropped.get("invalid", 0) + 1
+            if not good:
+                return
+            rows, rb = good, metric_batch(good)
+        self._ready.append(rb)
+        self._ready_rows += len(rows)
 
     def seal(self) -> None:
         with self._lock:

@@ -17,10 +17,11 @@ True
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol, runtime_checkable
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BackpressureStrategy",
+    "EventStream",
     "PipelineBuilder",
     "PipelineStats",
     "Stage",
@@ -132,10 +134,11 @@ class PipelineBuilder:
 
     def with_flush_interval(self, interval: timedelta | float) -> PipelineBuilder:
         seconds = interval.total_seconds() if isinstance(interval, timedelta) else interval
-        if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds <= 0:
+        if not isinstance(seconds, int | float) or isinstance(seconds, bool) or \
+                not math.isfinite(seconds) or seconds <= 0 or seconds > 86_400:
             raise ValueError(
-                f"The flush interval must be a positive timedelta or number of seconds, "
-                f"got {interval!r}.")
+                f"The flush interval must be a positive timedelta or number of seconds "
+                f"of at most a day, got {interval!r}.")
         self._flush_interval = float(seconds)
         return self
 
@@ -170,9 +173,11 @@ class PipelineBuilder:
         if block_timeout is not None:
             seconds = (block_timeout.total_seconds() if isinstance(block_timeout, timedelta)
                        else block_timeout)
-            if not isinstance(seconds, int | float) or seconds < 0:
+            if not isinstance(seconds, int | float) or isinstance(seconds, bool) or \
+                    not math.isfinite(seconds) or seconds < 0:
                 raise ValueError(
-                    f"The block timeout must be a non-negative duration, got {block_timeout!r}.")
+                    f"The block timeout must be a finite, non-negative duration, "
+                    f"got {block_timeout!r}.")
             self._block_timeout = float(seconds)
         return self
 
@@ -235,6 +240,35 @@ class _Sink:
         self.dropped = 0
 
 
+class EventStream:
+    """Iterator over a pipeline's processed batches; ``close()`` (or dropping it) unsubscribes."""
+
+    def __init__(self, pipeline: TelemetryPipeline, sink: _Sink) -> None:
+        self._pipeline = pipeline
+        self._sink = sink
+
+    def __iter__(self) -> EventStream:
+        return self
+
+    def __next__(self) -> SpanBatch | MetricBatch:
+        sink = self._sink
+        with sink.cond:
+            while not sink.queue and not sink.closed:
+                sink.cond.wait()
+            if not sink.queue:
+                self.close()
+                raise StopIteration
+            return sink.queue.popleft()
+
+    def close(self) -> None:
+        self._pipeline._unsubscribe(self._sink)
+        with self._sink.cond:
+            self._sink.queue.clear()
+
+    def __del__(self) -> None:
+        self._pipeline._unsubscribe(self._sink)
+
+
 class TelemetryPipeline:
     """Spans and metric points in; stages and exporters behind a ring buffer.
 
@@ -279,7 +313,15 @@ class TelemetryPipeline:
                 setter = getattr(exporter, "set_default_compression", None)
                 if callable(setter):
                     setter(config._compression)
-        self._workers = [ExporterWorker(e) for e in config._exporters]
+        self._workers = []
+        names: dict[str, int] = {}
+        for exporter in config._exporters:
+            worker = ExporterWorker(exporter)
+            seen = names.get(worker.name, 0)
+            names[worker.name] = seen + 1
+            if seen:
+                worker.name = f"{worker.name}#{seen + 1}"
+            self._workers.append(worker)
         self._sinks: list[_Sink] = []
         self._lock = threading.Lock()
         self._processed = 0
@@ -358,6 +400,8 @@ class TelemetryPipeline:
                 try:
                     for mb in self._metrics.drain(interval):
                         self._deliver(MetricBatch(mb))
+                except Exception:
+                    logger.exception("pipeline worker failed delivering metric batches")
                 finally:
                     with self._lock:
                         self._busy = False
@@ -365,15 +409,14 @@ class TelemetryPipeline:
                 if self._stop.is_set() and ring.queued == 0 and ring.open_rows == 0:
                     return
                 continue
-            with self._lock:
-                self._busy = True
             try:
                 self._process(item[0], item[1])
             except Exception:
                 logger.exception("pipeline worker failed on a batch; continuing")
-            finally:
                 with self._lock:
-                    self._busy = False
+                    self._stage_errors += 1
+            finally:
+                ring.release(item[0].num_rows)
 
     def _process(self, rb: Any, sealed_ns: int) -> None:
         batch = SpanBatch._wrap(rb)
@@ -391,19 +434,12 @@ class TelemetryPipeline:
                 continue
             if out is None:
                 continue
-            if isinstance(out, StageResult):
-                for k, v in out.counters.items():
-                    counters[k] = counters.get(k, 0) + int(v)
-                batch = out.batch
-                if out.mask is not None:
-                    kept = batch.filter(out.mask)
-                    counters["sampled_out"] = counters.get("sampled_out", 0) + (
-                        batch.num_rows - kept.num_rows)
-                    batch = kept
-            elif isinstance(out, SpanBatch):
-                batch = out
-            else:
-                batch = SpanBatch(out)
+            try:
+                batch = self._apply(out, batch, counters)
+            except Exception as exc:
+                logger.error("stage %r returned a result the pipeline cannot use (%s); "
+                             "the batch goes on unchanged", stage, exc)
+                self._stage_errors += 1
         t1 = time.monotonic_ns()
         if batch.num_rows:
             self._deliver(batch)
@@ -415,6 +451,27 @@ class TelemetryPipeline:
                 self._counters[k] = self._counters.get(k, 0) + v
             self._latency.append((t1 - t0) / 1000.0)
             self._e2e_latency.append((t1 - sealed_ns) / 1000.0)
+
+    @staticmethod
+    def _apply(out: Any, batch: SpanBatch, counters: dict[str, int]) -> SpanBatch:
+        """The batch after a stage's result; raises if the result is unusable."""
+        if isinstance(out, SpanBatch):
+            return out
+        if not isinstance(out, StageResult):
+            return SpanBatch(out)
+        result = out.batch if isinstance(out.batch, SpanBatch) else SpanBatch(out.batch)
+        if out.mask is not None:
+            mask = np.asarray(out.mask)
+            if mask.dtype != np.bool_ or mask.shape != (result.num_rows,):
+                raise ValueError(f"a mask must be {result.num_rows} bools, got "
+                                 f"{mask.dtype} of shape {mask.shape}")
+            kept = result.filter(mask)
+            counters["sampled_out"] = counters.get("sampled_out", 0) + (
+                result.num_rows - kept.num_rows)
+            result = kept
+        for k, v in out.counters.items():
+            counters[k] = counters.get(k, 0) + int(v)
+        return result
 
     def _deliver(self, batch: Any) -> None:
         for w in self._workers:
@@ -429,40 +486,33 @@ class TelemetryPipeline:
 
     # -- output --------------------------------------------------------------------
 
-    def event_stream(self, max_batches: int = 1024) -> Iterator[SpanBatch | MetricBatch]:
+    def event_stream(self, max_batches: int = 1024) -> EventStream:
         """Yield batches as they leave the stages, until the pipeline shuts down.
 
         Subscribes when called; if the consumer falls ``max_batches`` behind,
         newer batches are dropped for it and counted (``event_stream_full``).
         """
+        if not isinstance(max_batches, int) or max_batches < 1:
+            raise ValueError(f"max_batches must be a positive int, got {max_batches!r}.")
         sink = _Sink(max_batches)
         with self._lock:
             if self._closed:
                 raise PipelineClosedError("the pipeline is shut down")
             self._sinks.append(sink)
-        return self._drain_sink(sink)
+        return EventStream(self, sink)
 
-    def _drain_sink(self, sink: _Sink) -> Iterator[SpanBatch | MetricBatch]:
-        try:
-            while True:
-                with sink.cond:
-                    while not sink.queue and not sink.closed:
-                        sink.cond.wait()
-                    if not sink.queue:
-                        return
-                    batch = sink.queue.popleft()
-                yield batch
-        finally:
-            with self._lock:
-                if sink in self._sinks:
-                    self._sinks.remove(sink)
+    def _unsubscribe(self, sink: _Sink) -> None:
+        with self._lock:
+            if sink in self._sinks:
+                self._sinks.remove(sink)
 
     # -- control -------------------------------------------------------------------
 
     def _drained(self) -> bool:
         with self._lock:
             busy = self._busy
-        return (not busy and self._ring.queued == 0 and self._ring.open_rows == 0
+        ring = self._ring
+        return (not busy and ring.queued == 0 and ring.open_rows == 0 and ring.inflight == 0
                 and self._metrics.pending == 0)
 
     def force_flush(self, timeout: float | timedelta | None = None) -> bool:
@@ -500,6 +550,7 @@ class TelemetryPipeline:
         self._ring.close()
         self._metrics.close()
         self._stop.set()
+        self._ring.wake()
         self._worker.join(max(0.0, deadline - time.monotonic()))
         ok = not self._worker.is_alive()
         for stage in self._stages:

@@ -218,6 +218,15 @@ cdef class _AttrCol:
             self._ensure_bool()
         return 0
 
+    cdef void rollback(self, Py_ssize_t n):
+        """Forget attributes from position ``n`` on (a rejected row's)."""
+        self.n = n
+        # (no negative indexing: the module is compiled with wraparound off)
+        while self.sparse_bytes and self.sparse_bytes[len(self.sparse_bytes) - 1][0] >= n:
+            self.sparse_bytes.pop()
+        while self.sparse_any and self.sparse_any[len(self.sparse_any) - 1][0] >= n:
+            self.sparse_any.pop()
+
     cdef inline void end_row(self, Py_ssize_t row) noexcept:
         if self.dirty_off:
             self.off[row + 1] = <int32_t>self.n
@@ -489,7 +498,9 @@ cdef class _Segment:
         try:
             self._write(row, span, default_service)
         except BaseException:
-            self.attrs.n, self.res.n, self.scope_attrs.n = a_n, r_n, s_n
+            self.attrs.rollback(a_n)
+            self.res.rollback(r_n)
+            self.scope_attrs.rollback(s_n)
             del self.status_msgs[n_msgs:]
             del self.events[n_ev:]
             del self.links[n_ln:]
@@ -731,7 +742,7 @@ cdef class SpanRing:
     cdef _Segment seg
     cdef list pool
     cdef object sealed            # queue.SimpleQueue of (RecordBatch, sealed monotonic ns)
-    cdef Py_ssize_t queued_rows
+    cdef Py_ssize_t queued_rows, inflight_rows
     cdef object space             # threading.Condition for BLOCK producers
     cdef int blocked
     cdef int64_t dropped[N_DROP_REASONS]
@@ -820,16 +831,26 @@ cdef class SpanRing:
             self.received += 1
             self.dropped[DROP_SHUTDOWN] += 1
             return 0
+        if self.seg.n >= self.batch_size:
+            # A seal that failed earlier left a full segment: never write past it.
+            self._seal_locked()
         occ = self.queued_rows + self.seg.n
         if occ >= self.capacity:
             if self.strategy == BP_BLOCK:
                 return 2
             if self.strategy == BP_DROP_OLDEST:
-                self._evict_oldest(1)
-            else:
+                # Write first, so a span that is rejected evicts nothing; the open
+                # segment always has room for this row.
+                self.seg.write(span, self.default_service)
                 self.received += 1
-                self.dropped[DROP_QUEUE_FULL] += 1
-                return 0
+                self.accepted += 1
+                if self.seg.n == self.batch_size:
+                    self._seal_locked()
+                self._evict_oldest(0)
+                return 1
+            self.received += 1
+            self.dropped[DROP_QUEUE_FULL] += 1
+            return 0
         elif self.strategy == BP_ADAPTIVE and 2 * occ > self.capacity \
                 and span._status != 2 \
                 and not _admit(PyBytes_AS_STRING(span.trace_id),
@@ -857,11 +878,16 @@ cdef class SpanRing:
                 self._seal_locked()
                 continue
             try:
-                rb, _ = self.sealed.get_nowait()
+                item = self.sealed.get_nowait()
             except _queue.Empty:
                 return 0
-            self.queued_rows -= rb.num_rows
-            self.dropped[DROP_OLDEST] += rb.num_rows
+            if item is None:
+                # A wake-up for the consumer, not a batch: put it back and stop (the
+                # consumer is taking the remaining rows right now).
+                self.sealed.put(None)
+                return 0
+            self.queued_rows -= item[0].num_rows
+            self.dropped[DROP_OLDEST] += item[0].num_rows
         return 0
 
     cdef bint _wait_for_space(self, int64_t deadline, Py_ssize_t need):
@@ -897,6 +923,8 @@ cdef class SpanRing:
                     self.received += n
                     self.dropped[DROP_SHUTDOWN] += n
                     return 0
+                # Rows recorded earlier through append() go first.
+                self._seal_locked()
                 room = self.capacity - self.queued_rows - self.seg.n
                 if self.strategy == BP_ADAPTIVE and trace_low64 is not None:
                     occ = self.capacity - room
@@ -988,7 +1016,12 @@ cdef class SpanRing:
             return interval - age / 1e9
 
     def pop(self, timeout=None):
-        """The oldest sealed batch as ``(RecordBatch, sealed_monotonic_ns)``, or None."""
+        """The oldest sealed batch as ``(RecordBatch, sealed_monotonic_ns)``, or None.
+
+        None after ``timeout`` seconds, or early when :meth:`wake` was called.
+        The popped rows count as *in flight* until the consumer calls
+        :meth:`release`, so "nothing queued and nothing in flight" means done.
+        """
         try:
             if timeout is None:
                 item = self.sealed.get_nowait()
@@ -996,18 +1029,31 @@ cdef class SpanRing:
                 item = self.sealed.get(timeout=timeout)
         except _queue.Empty:
             return None
+        if item is None:
+            return None
         with self.lock:
             self.queued_rows -= item[0].num_rows
+            self.inflight_rows += item[0].num_rows
         if self.blocked:
             with self.space:
                 self.space.notify_all()
         return item
 
+    def release(self, Py_ssize_t n):
+        """The consumer is done with ``n`` popped rows."""
+        with self.lock:
+            self.inflight_rows -= n
+
+    def wake(self):
+        """Make a waiting :meth:`pop` return (None) now."""
+        self.sealed.put(None)
+
     def close(self):
-        """Refuse further spans (counted as dropped for ``shutdown``) and seal."""
+        """Refuse further spans (counted as dropped for ``shutdown``), seal, wake the consumer."""
         with self.lock:
             self.closed = True
             self._seal_locked()
+        self.sealed.put(None)
         with self.space:
             self.space.notify_all()
 
@@ -1018,6 +1064,11 @@ cdef class SpanRing:
     @property
     def queued(self):
         return self.queued_rows
+
+    @property
+    def inflight(self):
+        """Rows popped by the consumer and not yet released."""
+        return self.inflight_rows
 
     @property
     def occupancy(self):

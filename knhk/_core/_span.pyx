@@ -6,6 +6,7 @@ ring buffer can copy the fields into its columns without further checks.
 """
 
 from cpython.bytes cimport PyBytes_GET_SIZE
+from libc.stdint cimport INT64_MAX, INT64_MIN
 from libc.string cimport memcmp
 from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
 
@@ -56,11 +57,37 @@ cdef bytes normalize_id(object value, Py_ssize_t size, str field):
 
 
 cdef inline int64_t _time_arg(object value, str field) except? -1:
-    if type(value) is int:
+    if type(value) is not int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(
+                f"{field} must be an int of nanoseconds, got {type(value).__name__}")
+        value = int(value)
+    try:
         return <int64_t>value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return <int64_t>int(value)
-    raise TypeError(f"{field} must be an int of nanoseconds, got {type(value).__name__}")
+    except OverflowError:
+        raise ValueError(f"{field} = {value} does not fit in int64 nanoseconds") from None
+
+
+cdef inline int64_t _plus(int64_t a, int64_t b, str field) except? -1:
+    if (b > 0 and a > INT64_MAX - b) or (b < 0 and a < INT64_MIN - b):
+        raise ValueError(f"{field} is out of the int64 nanosecond range")
+    return a + b
+
+
+cdef uint32_t _u32(object value, str field) except? 0xFFFFFFFF:
+    if type(value) is not int and (not isinstance(value, int) or isinstance(value, bool)):
+        raise TypeError(f"{field} must be an int, got {type(value).__name__}")
+    if value < 0 or value > 0xFFFFFFFF:
+        raise ValueError(f"{field} must be in 0 .. 2**32 - 1, got {value}")
+    return <uint32_t>value
+
+
+cdef long _enum_arg(object value, long hi, str field, str what) except? -1:
+    if type(value) is not int and (not isinstance(value, int) or isinstance(value, bool)):
+        raise TypeError(f"{field} must be a {what}, got {type(value).__name__}")
+    if value < 0 or value > hi:
+        raise ValueError(f"{field} must be a {what} (0..{hi}), got {value}")
+    return <long>value
 
 
 @cython.freelist(256)
@@ -101,7 +128,6 @@ cdef class Span:
                  status_message=None, trace_state=None, flags=0,
                  resource_attributes=None, scope_name=None, scope_version=None):
         cdef int64_t start, end
-        cdef long k, st
         self.name = name
         self.trace_id = normalize_id(trace_id, 16, "trace_id")
         self.span_id = normalize_id(span_id, 8, "span_id")
@@ -124,34 +150,25 @@ cdef class Span:
                     raise ValueError(
                         "duration_ns disagrees with end_time_ns - start_time_ns")
             else:
-                end = start + (0 if duration_ns is None
-                               else _time_arg(duration_ns, "duration_ns"))
+                end = start if duration_ns is None else _plus(
+                    start, _time_arg(duration_ns, "duration_ns"), "start_time_ns + duration_ns")
         elif end_time_ns is not None:
             end = _time_arg(end_time_ns, "end_time_ns")
-            start = end - (0 if duration_ns is None
-                           else _time_arg(duration_ns, "duration_ns"))
+            start = end if duration_ns is None else _plus(
+                end, -_time_arg(duration_ns, "duration_ns"), "end_time_ns - duration_ns")
         else:
             start = _now_ns()
-            end = start + (0 if duration_ns is None
-                           else _time_arg(duration_ns, "duration_ns"))
+            end = start if duration_ns is None else _plus(
+                start, _time_arg(duration_ns, "duration_ns"), "now + duration_ns")
         if end < start:
             raise ValueError(
                 f"end_time_ns ({end}) is before start_time_ns ({start}) in span {name!r}")
         self.start_time_ns = start
         self.end_time_ns = end
 
-        if type(kind) is not int and not isinstance(kind, int):
-            raise TypeError(f"kind must be a SpanKind, got {type(kind).__name__}")
-        k = kind
-        if k < 0 or k > 5:
-            raise ValueError(f"kind must be a SpanKind (0..5), got {k}")
-        self._kind = <int8_t>k
-        if type(status) is not int and not isinstance(status, int):
-            raise TypeError(f"status must be a SpanStatus, got {type(status).__name__}")
-        st = status
-        if st < 0 or st > 2:
-            raise ValueError(f"status must be a SpanStatus (0 unset, 1 ok, 2 error), got {st}")
-        self._status = <int8_t>st
+        self._kind = <int8_t>(1 if kind is 1 else _enum_arg(kind, 5, "kind", "SpanKind"))
+        self._status = <int8_t>(0 if status is 0 else
+                                _enum_arg(status, 2, "status", "SpanStatus"))
 
         if status_message is not None and not isinstance(status_message, str):
             raise TypeError(
@@ -163,12 +180,8 @@ cdef class Span:
         if trace_state is not None and not isinstance(trace_state, str):
             raise TypeError(f"trace_state must be a str, got {type(trace_state).__name__}")
         self.trace_state = trace_state or None
-        if type(flags) is not int and (not isinstance(flags, int) or isinstance(flags, bool)):
-            raise TypeError(f"flags must be an int, got {type(flags).__name__}")
-        if flags:
-            if flags < 0 or flags > 0xFFFFFFFF:
-                raise ValueError(f"flags must be in 0 .. 2**32 - 1, got {flags}")
-            self.flags = flags
+        if flags is not 0:
+            self.flags = _u32(flags, "flags")
         if scope_name is not None and not isinstance(scope_name, str):
             raise TypeError(f"scope_name must be a str, got {type(scope_name).__name__}")
         self.scope_name = scope_name
@@ -251,7 +264,8 @@ cdef class SpanEvent:
         if attributes is not None and not isinstance(attributes, dict):
             raise TypeError(f"event attributes must be a dict, got {type(attributes).__name__}")
         self.attributes = dict(attributes) if attributes else None
-        self.dropped_attributes_count = dropped_attributes_count
+        self.dropped_attributes_count = _u32(dropped_attributes_count,
+                                             "event dropped_attributes_count")
 
     def _key(self):
         return (self.name, self.time_ns, self.attributes or {}, self.dropped_attributes_count)
@@ -278,11 +292,12 @@ cdef class SpanLink:
         if trace_state is not None and not isinstance(trace_state, str):
             raise TypeError(f"link trace_state must be a str, got {type(trace_state).__name__}")
         self.trace_state = trace_state or None
-        self.flags = flags
+        self.flags = _u32(flags, "link flags")
         if attributes is not None and not isinstance(attributes, dict):
             raise TypeError(f"link attributes must be a dict, got {type(attributes).__name__}")
         self.attributes = dict(attributes) if attributes else None
-        self.dropped_attributes_count = dropped_attributes_count
+        self.dropped_attributes_count = _u32(dropped_attributes_count,
+                                             "link dropped_attributes_count")
 
     def _key(self):
         return (self.trace_id, self.span_id, self.trace_state, self.flags,
