@@ -100,9 +100,8 @@ def _stats_rows(stats: Any) -> list[tuple[str, Any]]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import pyarrow as pa
-
     from knhk import workload
+    from knhk.exporters.ipc import IpcFileWriter
     from knhk.schema import SPAN_SCHEMA
 
     config = workload.WorkloadConfig(seed=args.seed, services=args.services,
@@ -112,13 +111,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     os.makedirs(directory, exist_ok=True)
     started = time.perf_counter()
     done = 0
-    options = pa.ipc.IpcWriteOptions(compression=None if args.compression == "none"
-                                     else args.compression)
-    with pa.OSFile(out, "wb") as sink, pa.ipc.new_file(sink, SPAN_SCHEMA,
-                                                       options=options) as writer:
+    if os.path.exists(out):
+        os.remove(out)  # the writer never truncates a file; generate replaces it on purpose
+    with IpcFileWriter(out, SPAN_SCHEMA,
+                       compression=None if args.compression == "none" else args.compression
+                       ) as writer:
         for batch in workload.generate_batches(args.spans, config=config,
                                                batch_size=args.batch_size):
-            writer.write_batch(batch.record_batch)
+            writer.write(batch)
             done += batch.num_rows
             _progress(done, args.spans, started)
     elapsed = time.perf_counter() - started
@@ -160,11 +160,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
         result = replay.replay(args.files, pipeline, speed=None if args.max else args.speed,
                                progress=lambda n: _progress(n, None, started))
     except CorruptFileError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"knhk replay: error: {exc}", file=sys.stderr)
         status = 2
-        result = None
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        result = getattr(exc, "replay_stats", None)
+    except (OSError, ValueError) as exc:
+        print(f"knhk replay: error: {exc}", file=sys.stderr)
         pipeline.shutdown()
         return 2
     pipeline.shutdown()
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     def pipeline_args(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--batch-size", type=int, default=1000)
+        q.add_argument("--batch-size", type=int, default=4096)
         q.add_argument("--capacity", type=int, default=100_000)
         q.add_argument("--registry", default=None, help="Weaver registry directory")
         q.add_argument("--no-sampling", dest="sample", action="store_false")

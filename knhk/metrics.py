@@ -186,6 +186,22 @@ class MetricBuffer:
                 self._seal_locked()
         return True
 
+    def offer_batch(self, rb: pa.RecordBatch) -> int:
+        """Queue an already-built batch in ``METRIC_SCHEMA``; return the points taken."""
+        n = rb.num_rows
+        with self._lock:
+            self.received += n
+            if self._closed:
+                self.dropped["shutdown"] = self.dropped.get("shutdown", 0) + n
+                return 0
+            if self._ready_rows + len(self._rows) + n > self.capacity:
+                self.dropped["queue_full"] = self.dropped.get("queue_full", 0) + n
+                return 0
+            self._seal_locked()  # points recorded before go first
+            self._ready.append(rb)
+            self._ready_rows += n
+        return n
+
     def _seal_locked(self) -> None:
         if not self._rows:
             return

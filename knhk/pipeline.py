@@ -386,6 +386,13 @@ class TelemetryPipeline:
             raise TypeError("record_metric(MetricPoint) takes no further arguments")
         return self._metrics.append(point)
 
+    def record_metric_batch(self, batch: MetricBatch | Any) -> int:
+        """Record a whole batch of metric points (a MetricBatch or a RecordBatch in
+        ``METRIC_SCHEMA``, e.g. read back from an IPC file); return the points taken."""
+        if not isinstance(batch, MetricBatch):
+            batch = MetricBatch(batch)
+        return self._metrics.offer_batch(batch.record_batch)
+
     # -- the worker ----------------------------------------------------------------
 
     def _run(self) -> None:
