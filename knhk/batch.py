@@ -50,7 +50,48 @@ _ID_COLUMNS = {"trace_id": 16, "span_id": 8, "parent_span_id": 8}
 _DEFAULTS: dict[str, Any] = {"kind": 1, "status_code": 0, "flags": 0}
 
 
-class SpanBatch:
+class _ArrowBatch:
+    """What every knhk batch is: one immutable Arrow RecordBatch, and its Arrow face."""
+
+    __slots__ = ("_rb",)
+    _rb: pa.RecordBatch
+
+    @property
+    def record_batch(self) -> pa.RecordBatch:
+        return self._rb
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self._rb.schema
+
+    @property
+    def num_rows(self) -> int:
+        return self._rb.num_rows
+
+    def __len__(self) -> int:
+        return self._rb.num_rows
+
+    @property
+    def nbytes(self) -> int:
+        return self._rb.nbytes
+
+    def column(self, name: str) -> pa.Array:
+        return self._rb.column(name)
+
+    def __arrow_c_array__(self, requested_schema: Any = None) -> Any:
+        return self._rb.__arrow_c_array__(requested_schema)
+
+    def __arrow_c_stream__(self, requested_schema: Any = None) -> Any:
+        return pa.Table.from_batches([self._rb]).__arrow_c_stream__(requested_schema)
+
+    def to_pandas(self, **kwargs: Any) -> Any:
+        return self._rb.to_pandas(**kwargs)
+
+    def to_pylist(self) -> list[dict]:
+        return self._rb.to_pylist()
+
+
+class SpanBatch(_ArrowBatch):
     """An immutable batch of spans (an Arrow RecordBatch in ``SPAN_SCHEMA``).
 
     Arrow consumers take it directly (``pa.table(batch)``, Polars, DuckDB)
@@ -58,7 +99,7 @@ class SpanBatch:
     underlying ``pyarrow.RecordBatch``.
     """
 
-    __slots__ = ("_rb",)
+    __slots__ = ()
 
     def __init__(self, data: Any, *, default_service: str = "unknown_service") -> None:
         if isinstance(data, SpanBatch):
@@ -110,28 +151,6 @@ class SpanBatch:
 
     # -- Arrow -----------------------------------------------------------------
 
-    @property
-    def record_batch(self) -> pa.RecordBatch:
-        return self._rb
-
-    @property
-    def schema(self) -> pa.Schema:
-        return self._rb.schema
-
-    @property
-    def num_rows(self) -> int:
-        return self._rb.num_rows
-
-    def __len__(self) -> int:
-        return self._rb.num_rows
-
-    @property
-    def nbytes(self) -> int:
-        return self._rb.nbytes
-
-    def column(self, name: str) -> pa.Array:
-        return self._rb.column(name)
-
     def slice(self, offset: int = 0, length: int | None = None) -> SpanBatch:
         return SpanBatch._wrap(self._rb.slice(offset, length))
 
@@ -143,18 +162,6 @@ class SpanBatch:
 
     def take(self, indices: Any) -> SpanBatch:
         return SpanBatch._wrap(self._rb.take(indices))
-
-    def __arrow_c_array__(self, requested_schema: Any = None) -> Any:
-        return self._rb.__arrow_c_array__(requested_schema)
-
-    def __arrow_c_stream__(self, requested_schema: Any = None) -> Any:
-        return pa.Table.from_batches([self._rb]).__arrow_c_stream__(requested_schema)
-
-    def to_pandas(self, **kwargs: Any) -> Any:
-        return self._rb.to_pandas(**kwargs)
-
-    def to_pylist(self) -> list[dict]:
-        return self._rb.to_pylist()
 
     def equals(self, other: SpanBatch) -> bool:
         return self._rb.equals(other._rb)
@@ -294,42 +301,15 @@ _TAG_CHILD = {
 }
 
 
-class MetricBatch:
+class MetricBatch(_ArrowBatch):
     """An immutable batch of metric points (an Arrow RecordBatch in ``METRIC_SCHEMA``)."""
 
-    __slots__ = ("_rb",)
+    __slots__ = ()
 
     def __init__(self, data: pa.RecordBatch) -> None:
         if not isinstance(data, pa.RecordBatch) or not data.schema.equals(METRIC_SCHEMA):
             raise SchemaError("MetricBatch takes a RecordBatch in knhk.METRIC_SCHEMA")
         self._rb = data
-
-    @property
-    def record_batch(self) -> pa.RecordBatch:
-        return self._rb
-
-    @property
-    def schema(self) -> pa.Schema:
-        return self._rb.schema
-
-    @property
-    def num_rows(self) -> int:
-        return self._rb.num_rows
-
-    def __len__(self) -> int:
-        return self._rb.num_rows
-
-    def column(self, name: str) -> pa.Array:
-        return self._rb.column(name)
-
-    def __arrow_c_array__(self, requested_schema: Any = None) -> Any:
-        return self._rb.__arrow_c_array__(requested_schema)
-
-    def to_pandas(self, **kwargs: Any) -> Any:
-        return self._rb.to_pandas(**kwargs)
-
-    def to_pylist(self) -> list[dict]:
-        return self._rb.to_pylist()
 
     def __repr__(self) -> str:
         return f"MetricBatch({self.num_rows} points)"

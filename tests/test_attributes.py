@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import same
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
@@ -19,21 +20,6 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from knhk import AttributeValue, AttrType, _attributes
 
 _I64 = (-(2**63), 2**63 - 1)
-
-
-def same(a, b) -> bool:
-    """Equal *and* of the same Python type, recursively (1, 1.0 and True differ)."""
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, float):
-        if math.isnan(a):
-            return math.isnan(b)
-        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
-    if isinstance(a, list):
-        return len(a) == len(b) and all(map(same, a, b))
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    return a == b
 
 
 def to_pb(value, out: AnyValue | None = None) -> AnyValue:

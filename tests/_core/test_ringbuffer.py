@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import io
-import math
 import threading
 import time
 from collections import deque
@@ -20,6 +19,7 @@ from collections import deque
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import same
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -55,21 +55,6 @@ def _pb_value(v: AnyValue):
         return {kv.key: _pb_value(kv.value) if kv.HasField("value") else None
                 for kv in v.kvlist_value.values}
     return getattr(v, which)
-
-
-def same(a, b) -> bool:
-    """Equal *and* of the same Python type, recursively (1, 1.0 and True differ)."""
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, float):
-        if math.isnan(a):
-            return math.isnan(b)
-        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
-    if isinstance(a, list):
-        return len(a) == len(b) and all(map(same, a, b))
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    return a == b
 
 
 def decode_attributes(items: list[dict]) -> dict:
