@@ -21,11 +21,27 @@ from knhk.errors import (
     SchemaError,
 )
 from knhk.exporters import Exporter, ExportResult, InMemoryExporter
-from knhk.pipeline import PipelineBuilder, PipelineStats, StageResult, TelemetryPipeline
+from knhk.pipeline import (
+    EventStream,
+    PipelineBuilder,
+    PipelineStats,
+    StageResult,
+    TelemetryPipeline,
+)
 from knhk.sampling import (
+    AdaptivePrioritySampler,
     AdaptiveSamplingStrategy,
+    AlwaysOff,
+    AlwaysOn,
+    ParentBased,
+    Sampler,
     SamplingConfig,
     SamplingDecision,
+    TraceIdRatio,
+    adjusted_counts,
+    reweighted_sum,
+    sampler_from_env,
+    sampling_probability,
 )
 from knhk.schema import (
     METRIC_SCHEMA,
@@ -39,19 +55,24 @@ from knhk.schema import (
     SpanLink,
     Temporality,
 )
+from knhk.tail_sampling import Policy, TailSampler, TailSamplingConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METRIC_SCHEMA",
     "SPAN_SCHEMA",
+    "AdaptivePrioritySampler",
     "AdaptiveSamplingStrategy",
+    "AlwaysOff",
+    "AlwaysOn",
     "AttrType",
     "AttributeValue",
     "BackpressureStrategy",
     "BuildError",
     "CorruptFileError",
     "DropReason",
+    "EventStream",
     "ExportResult",
     "Exporter",
     "InMemoryExporter",
@@ -59,10 +80,13 @@ __all__ = [
     "MetricBatch",
     "MetricKind",
     "MetricPoint",
+    "ParentBased",
     "PipelineBuilder",
     "PipelineClosedError",
     "PipelineStats",
+    "Policy",
     "RegistryError",
+    "Sampler",
     "SamplingConfig",
     "SamplingDecision",
     "SchemaError",
@@ -73,7 +97,14 @@ __all__ = [
     "SpanLink",
     "SpanStatus",
     "StageResult",
+    "TailSampler",
+    "TailSamplingConfig",
     "TelemetryPipeline",
     "Temporality",
+    "TraceIdRatio",
     "__version__",
+    "adjusted_counts",
+    "reweighted_sum",
+    "sampler_from_env",
+    "sampling_probability",
 ]

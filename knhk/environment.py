@@ -20,6 +20,14 @@ KNHK_BATCH_SIZE = "KNHK_BATCH_SIZE"
 KNHK_CHANNEL_CAPACITY = "KNHK_CHANNEL_CAPACITY"
 """Default rows in flight in the ring buffer when the builder sets none (default 100000)."""
 
+OTEL_TRACES_SAMPLER = "OTEL_TRACES_SAMPLER"
+"""The head sampler when the builder sets none (``always_on``, ``always_off``,
+``traceidratio``, ``parentbased_always_on``, ``parentbased_always_off``,
+``parentbased_traceidratio``), as the OpenTelemetry SDK reads it; unset: no sampling."""
+
+OTEL_TRACES_SAMPLER_ARG = "OTEL_TRACES_SAMPLER_ARG"
+"""The ratio for the ``*traceidratio`` samplers (default 1.0)."""
+
 KNHK_CYTHON_DEBUG = "KNHK_CYTHON_DEBUG"
 """At build time, ``1`` compiles the kernels with bounds checks (see setup.py)."""
 

@@ -121,6 +121,8 @@ class PipelineBuilder:
         self._block_timeout = 1.0
         self._registry: str | None = None
         self._sampling: Any = None
+        self._head: Any = None
+        self._tail: Any = None
         self._exporters: list[Exporter] = []
         self._stages: list[Any] = []
         self._service = environment.service_name()
@@ -198,6 +200,31 @@ class PipelineBuilder:
             raise ValueError(
                 f"Adaptive sampling takes a knhk.SamplingConfig, got {type(config).__name__}.")
         self._sampling = config
+        return self
+
+    def with_sampler(self, sampler: Any) -> PipelineBuilder:
+        """A head sampler (``TraceIdRatio``, ``ParentBased``, ...) deciding what is exported."""
+        from knhk.sampling import Sampler
+
+        if not isinstance(sampler, Sampler):
+            raise ValueError(
+                f"A head sampler must be a knhk.sampling.Sampler, got {type(sampler).__name__}.")
+        self._head = sampler
+        return self
+
+    def with_tail_sampling(self, config: Any) -> PipelineBuilder:
+        """Tail sampling: hold spans per trace until complete, then decide by policies."""
+        from collections.abc import Mapping
+
+        from knhk.tail_sampling import TailSamplingConfig
+
+        if isinstance(config, Mapping):
+            config = TailSamplingConfig.from_dict(config)
+        if not isinstance(config, TailSamplingConfig):
+            raise ValueError(
+                "Tail sampling takes a knhk.TailSamplingConfig or a mapping, "
+                f"got {type(config).__name__}.")
+        self._tail = config
         return self
 
     def with_exporter(self, exporter: Exporter) -> PipelineBuilder:
@@ -302,17 +329,31 @@ class TelemetryPipeline:
 
             self._stages.append(WeaverValidator(config._registry).stage())
         self._stages.extend(config._stages)
+        # Sampling runs after every other stage: they see every span.
         self._sampler = None
         if config._sampling is not None:
             from knhk.sampling import AdaptiveSamplingStrategy
 
             self._sampler = AdaptiveSamplingStrategy(config._sampling)
             self._stages.append(self._sampler)
+        elif config._head is not None:
+            self._stages.append(config._head)
+        else:
+            from knhk.sampling import sampler_from_env
+
+            env_sampler = sampler_from_env()
+            if env_sampler is not None:
+                self._stages.append(env_sampler)
+        if config._tail is not None:
+            from knhk.tail_sampling import TailSampler
+
+            self._stages.append(TailSampler(config._tail))
         if config._compression is not None:
             for exporter in config._exporters:
                 setter = getattr(exporter, "set_default_compression", None)
                 if callable(setter):
                     setter(config._compression)
+        self._pollable = any(callable(getattr(s, "poll", None)) for s in self._stages)
         self._workers = []
         names: dict[str, int] = {}
         for exporter in config._exporters:
@@ -398,6 +439,7 @@ class TelemetryPipeline:
     def _run(self) -> None:
         ring = self._ring
         interval = self._flush_interval
+        next_poll = time.monotonic() + interval
         while True:
             wait = ring.seal_if_due(interval)
             item = ring.pop(timeout=max(0.001, min(wait, interval)))
@@ -415,6 +457,16 @@ class TelemetryPipeline:
             if item is None:
                 if self._stop.is_set() and ring.queued == 0 and ring.open_rows == 0:
                     return
+                if self._pollable and time.monotonic() >= next_poll:
+                    # Stages that hold spans (tail sampling) decide without new input.
+                    next_poll = time.monotonic() + interval
+                    with self._lock:
+                        self._busy = True
+                    try:
+                        self._drain_stages("poll")
+                    finally:
+                        with self._lock:
+                            self._busy = False
                 continue
             try:
                 self._process(item[0], item[1])
@@ -432,7 +484,20 @@ class TelemetryPipeline:
         if self._sampler is not None and self._strategy is BackpressureStrategy.ADAPTIVE_SAMPLING:
             self._sampler.on_pressure(self._ring.occupancy)
         counters: dict[str, int] = {}
-        for stage in self._stages:
+        batch = self._run_stages(batch, 0, counters)
+        t1 = time.monotonic_ns()
+        if batch.num_rows:
+            self._deliver(batch)
+        with self._lock:
+            self._processed += n
+            self._batches_processed += 1
+            self._add_counters(counters)
+            self._latency.append((t1 - t0) / 1000.0)
+            self._e2e_latency.append((t1 - sealed_ns) / 1000.0)
+
+    def _run_stages(self, batch: SpanBatch, start: int, counters: dict[str, int]) -> SpanBatch:
+        """``batch`` through the stages from index ``start`` on."""
+        for stage in self._stages[start:]:
             try:
                 out = stage.process(batch) if hasattr(stage, "process") else stage(batch)
             except Exception:
@@ -447,17 +512,37 @@ class TelemetryPipeline:
                 logger.error("stage %r returned a result the pipeline cannot use (%s); "
                              "the batch goes on unchanged", stage, exc)
                 self._stage_errors += 1
-        t1 = time.monotonic_ns()
-        if batch.num_rows:
-            self._deliver(batch)
-        with self._lock:
-            self._processed += n
-            self._batches_processed += 1
-            self._sampled_out += counters.pop("sampled_out", 0)
-            for k, v in counters.items():
-                self._counters[k] = self._counters.get(k, 0) + v
-            self._latency.append((t1 - t0) / 1000.0)
-            self._e2e_latency.append((t1 - sealed_ns) / 1000.0)
+        return batch
+
+    def _add_counters(self, counters: dict[str, int]) -> None:
+        """Fold stage counters into the stats (lock held)."""
+        self._sampled_out += counters.pop("sampled_out", 0)
+        for k, v in counters.items():
+            self._counters[k] = self._counters.get(k, 0) + v
+
+    def _drain_stages(self, method: str) -> None:
+        """Call ``poll`` or ``flush`` on the stages that hold spans, in order; what one
+        releases goes through the stages after it, then to the exporters."""
+        for i, stage in enumerate(self._stages):
+            call = getattr(stage, method, None)
+            if not callable(call):
+                continue
+            counters: dict[str, int] = {}
+            try:
+                out = call()
+            except Exception:
+                logger.exception("stage %r raised in %s", stage, method)
+                self._stage_errors += 1
+                out = None
+            pop = getattr(stage, "pop_counters", None)
+            if callable(pop):
+                counters.update(pop())
+            if isinstance(out, SpanBatch) and out.num_rows:
+                out = self._run_stages(out, i + 1, counters)
+                if out.num_rows:
+                    self._deliver(out)
+            with self._lock:
+                self._add_counters(counters)
 
     @staticmethod
     def _apply(out: Any, batch: SpanBatch, counters: dict[str, int]) -> SpanBatch:
@@ -560,15 +645,7 @@ class TelemetryPipeline:
         self._ring.wake()
         self._worker.join(max(0.0, deadline - time.monotonic()))
         ok = not self._worker.is_alive()
-        for stage in self._stages:
-            flush = getattr(stage, "flush", None)
-            if callable(flush):
-                try:
-                    out = flush()
-                    if isinstance(out, SpanBatch) and out.num_rows:
-                        self._deliver(out)
-                except Exception:
-                    logger.exception("stage %r raised in flush", stage)
+        self._drain_stages("flush")
         for w in self._workers:
             ok = w.close(deadline) and ok
         for sink in self._sinks:
