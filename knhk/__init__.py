@@ -56,6 +56,12 @@ from knhk.schema import (
     Temporality,
 )
 from knhk.tail_sampling import Policy, TailSampler, TailSamplingConfig
+from knhk.validation import (
+    BatchValidationReport,
+    ValidationPolicy,
+    ValidationResult,
+    WeaverValidator,
+)
 
 __version__ = "0.1.0"
 
@@ -69,6 +75,7 @@ __all__ = [
     "AttrType",
     "AttributeValue",
     "BackpressureStrategy",
+    "BatchValidationReport",
     "BuildError",
     "CorruptFileError",
     "DropReason",
@@ -102,6 +109,9 @@ __all__ = [
     "TelemetryPipeline",
     "Temporality",
     "TraceIdRatio",
+    "ValidationPolicy",
+    "ValidationResult",
+    "WeaverValidator",
     "__version__",
     "adjusted_counts",
     "reweighted_sum",

@@ -28,6 +28,10 @@ OTEL_TRACES_SAMPLER = "OTEL_TRACES_SAMPLER"
 OTEL_TRACES_SAMPLER_ARG = "OTEL_TRACES_SAMPLER_ARG"
 """The ratio for the ``*traceidratio`` samplers (default 1.0)."""
 
+XDG_CACHE_HOME = "XDG_CACHE_HOME"
+"""Where the compiled-registry cache lives: ``$XDG_CACHE_HOME/knhk`` (an absolute
+path), else ``~/.cache/knhk``."""
+
 KNHK_CYTHON_DEBUG = "KNHK_CYTHON_DEBUG"
 """At build time, ``1`` compiles the kernels with bounds checks (see setup.py)."""
 

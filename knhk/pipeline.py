@@ -56,14 +56,19 @@ _COMPRESSIONS = (None, "gzip", "lz4", "zstd")
 class StageResult:
     """What a stage may return instead of a plain batch.
 
-    ``mask`` keeps rows for the stages after this one and the exporters (a
-    sampler's decision); ``counters`` are added to the pipeline's stats under
-    their names (``validation_errors`` is one the stats report by name).
+    ``mask`` keeps rows for the stages after this one and the exporters; the
+    rows it removes are counted under ``removed_as`` (``"sampled_out"`` for a
+    sampler's decision), or not at all when ``removed_as`` is None because the
+    stage counts them in its own ``counters``. ``counters`` are added to the
+    pipeline's stats under their names; ``validation_errors`` is reported by
+    name, and a counter whose name ends in ``_dropped`` or ``_lost`` is also a
+    drop reason in ``dropped_by_reason``.
     """
 
     batch: SpanBatch
     mask: np.ndarray | None = None
     counters: dict[str, int] = field(default_factory=dict)
+    removed_as: str | None = "sampled_out"
 
 
 @runtime_checkable
@@ -183,12 +188,19 @@ class PipelineBuilder:
             self._block_timeout = float(seconds)
         return self
 
-    def with_weaver_registry(self, path: str) -> PipelineBuilder:
+    def with_weaver_registry(self, path: str, *, policy: Any = None,
+                             **validator_options: Any) -> PipelineBuilder:
+        """Validate every span against a Weaver registry (the first stage).
+
+        ``policy`` (a ``knhk.validation.ValidationPolicy``; default: annotate and
+        pass) says what happens to spans with findings; ``validator_options`` go
+        to :class:`~knhk.validation.WeaverValidator` (``span_groups``, ``watch``, ...).
+        """
         import os
 
         if not isinstance(path, str | os.PathLike) or not os.path.isdir(path):
             raise ValueError(f"The Weaver registry must be an existing directory, got {path!r}.")
-        self._registry = os.fspath(path)
+        self._registry = (os.fspath(path), policy, validator_options)
         return self
 
     def with_adaptive_sampling(self, config: Any = None) -> PipelineBuilder:
@@ -324,10 +336,13 @@ class TelemetryPipeline:
         self.record_span = self._ring.append
         self._metrics = MetricBuffer(config._batch_size, config._capacity, config._service)
         self._stages: list[Any] = []
+        self.validator = None
         if config._registry is not None:
             from knhk.validation import WeaverValidator
 
-            self._stages.append(WeaverValidator(config._registry).stage())
+            path, policy, options = config._registry
+            self.validator = WeaverValidator(path, **options)
+            self._stages.append(self.validator.stage(policy))
         self._stages.extend(config._stages)
         # Sampling runs after every other stage: they see every span.
         self._sampler = None
@@ -558,8 +573,9 @@ class TelemetryPipeline:
                 raise ValueError(f"a mask must be {result.num_rows} bools, got "
                                  f"{mask.dtype} of shape {mask.shape}")
             kept = result.filter(mask)
-            counters["sampled_out"] = counters.get("sampled_out", 0) + (
-                result.num_rows - kept.num_rows)
+            if out.removed_as is not None:
+                counters[out.removed_as] = counters.get(out.removed_as, 0) + (
+                    result.num_rows - kept.num_rows)
             result = kept
         for k, v in out.counters.items():
             counters[k] = counters.get(k, 0) + int(v)
@@ -686,6 +702,10 @@ class TelemetryPipeline:
                     sink.dropped
         for reason, count in self._metrics.dropped.items():
             by_reason[f"metrics_{reason}"] = count
+        with self._lock:
+            for name, count in self._counters.items():
+                if count and (name.endswith("_dropped") or name.endswith("_lost")):
+                    by_reason[name] = count
         with self._lock:
             lat = np.fromiter(self._latency, dtype=np.float64)
             e2e = np.fromiter(self._e2e_latency, dtype=np.float64)
