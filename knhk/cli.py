@@ -226,10 +226,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                            batch_size=args.batch_size):
         done += pipeline.record_batch(batch)
         _progress(done, args.spans, started)
-    # a few spans through the per-event API too
+    # and the per-event API: the original design's workflow spans, one in ten
+    # missing its required pattern so that validation has something to say
+    patterns = ("sequence", "parallel_split", "synchronization", "exclusive_choice")
     for i in range(1, 1001):
-        pipeline.record_span(knhk.Span("demo.per_event", trace_id=i, span_id=i,
-                                       attributes={"knhk.demo": True}))
+        attrs = {"workflow.id": f"wf-{i:05d}"}
+        if i % 10:
+            attrs["workflow.pattern"] = patterns[i % len(patterns)]
+        pipeline.record_span(knhk.Span("workflow.execute", trace_id=i, span_id=i,
+                                       duration_ns=250_000 * (1 + i % 7), attributes=attrs))
     ok = pipeline.shutdown(timeout=60)
     elapsed = time.perf_counter() - started
     if sys.stderr.isatty():
