@@ -65,8 +65,8 @@ def knhk_record_span(n: int) -> tuple[int, float]:
     return n, dt
 
 
-def _otel_tracer(n: int):
-    from opentelemetry.sdk.trace import TracerProvider
+def _otel_discard_processor(n: int):
+    """The SDK's BatchSpanProcessor over an exporter that discards, queue sized for ``n``."""
     from opentelemetry.sdk.trace.export import (
         BatchSpanProcessor,
         SpanExporter,
@@ -77,8 +77,14 @@ def _otel_tracer(n: int):
         def export(self, spans):
             return SpanExportResult.SUCCESS
 
+    return BatchSpanProcessor(DiscardOtel(), max_queue_size=n + 1)
+
+
+def _otel_tracer(n: int):
+    from opentelemetry.sdk.trace import TracerProvider
+
     provider = TracerProvider()
-    provider.add_span_processor(BatchSpanProcessor(DiscardOtel(), max_queue_size=n + 1))
+    provider.add_span_processor(_otel_discard_processor(n))
     return provider, provider.get_tracer("bench")
 
 
@@ -161,15 +167,6 @@ def knhk_record_batch(data, n: int) -> tuple[int, float]:
 def otel_batch_processor(n: int) -> tuple[int, float]:
     """The SDK's own bulk path: finished ReadableSpans handed to BatchSpanProcessor.on_end."""
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import (
-        BatchSpanProcessor,
-        SpanExporter,
-        SpanExportResult,
-    )
-
-    class DiscardOtel(SpanExporter):
-        def export(self, spans):
-            return SpanExportResult.SUCCESS
 
     tracer = TracerProvider().get_tracer("bench")
     finished = []
@@ -177,7 +174,7 @@ def otel_batch_processor(n: int) -> tuple[int, float]:
         s = tracer.start_span("op", attributes=ATTRS, start_time=i + 1)
         s.end(end_time=i + 2)
         finished.append(s)
-    proc = BatchSpanProcessor(DiscardOtel(), max_queue_size=n + 1)
+    proc = _otel_discard_processor(n)
     t0 = time.perf_counter()
     for s in finished:
         proc.on_end(s)

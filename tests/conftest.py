@@ -14,7 +14,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import pyarrow as pa
 import pytest
+from pyarrow import ipc
 
 import knhk
 
@@ -70,3 +72,18 @@ def same(a, b) -> bool:
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     return a == b
+
+
+def ipc_messages(path) -> list[tuple[str, int, int, int]]:
+    """(type, start, body start, stop) of every IPC message, by pyarrow's message reader."""
+    out = []
+    with pa.OSFile(str(path)) as f:
+        f.seek(8)
+        while True:
+            start = f.tell()
+            try:
+                m = ipc.read_message(f)
+            except EOFError:
+                return out
+            stop = f.tell()
+            out.append((m.type, start, stop - (m.body.size if m.body else 0), stop))

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
+from conftest import ipc_messages
 
 import knhk
 from knhk import (
@@ -63,27 +64,12 @@ def record(directory, bs, **kwargs) -> list[str]:
     return exporter.files
 
 
-def messages(path) -> list[tuple[str, int, int, int]]:
-    """(type, start, body start, stop) of every IPC message, by pyarrow's message reader."""
-    out = []
-    with pa.OSFile(str(path)) as f:
-        f.seek(8)
-        while True:
-            start = f.tell()
-            try:
-                m = ipc.read_message(f)
-            except EOFError:
-                return out
-            stop = f.tell()
-            out.append((m.type, start, stop - (m.body.size if m.body else 0), stop))
-
-
 def batch_messages(path) -> list[tuple[int, int]]:
-    return [(a, d) for t, a, _, d in messages(path) if t == "record batch"]
+    return [(a, d) for t, a, _, d in ipc_messages(path) if t == "record batch"]
 
 
 def batch_bodies(path) -> list[tuple[int, int]]:
-    return [(c, d) for t, _, c, d in messages(path) if t == "record batch"]
+    return [(c, d) for t, _, c, d in ipc_messages(path) if t == "record batch"]
 
 
 def read_until_error(sources, **kwargs):
@@ -209,7 +195,7 @@ def test_random_bit_flips_in_batch_bodies_are_caught_at_their_batch(tmp_path, on
     rng = random.Random(20261127)
     regions = batch_messages(path)
     bodies = batch_bodies(path)
-    previous_stop = [messages(path)[0][3]] + [stop for _, stop in regions[:-1]]
+    previous_stop = [ipc_messages(path)[0][3]] + [stop for _, stop in regions[:-1]]
     detected = 0
     for trial in range(40):
         k = rng.randrange(len(bodies))

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
+from conftest import ipc_messages
 
 import knhk
 from knhk import AttributeValue, ExportResult, MetricKind, MetricPoint, Span, SpanBatch
@@ -86,20 +87,6 @@ def metric_batches() -> list[knhk.MetricBatch]:
         buffer.seal()
         out.extend(knhk.MetricBatch(rb) for rb in buffer.drain(0.0))
     return out
-
-
-def message_spans(path) -> list[tuple[str, int, int]]:
-    """(type, start, stop) of each IPC message of a file, found by pyarrow's message reader."""
-    out = []
-    with pa.OSFile(str(path)) as f:
-        f.seek(8)
-        while True:
-            start = f.tell()
-            try:
-                message = ipc.read_message(f)
-            except EOFError:
-                return out
-            out.append((message.type, start, f.tell()))
 
 
 def rows(batches) -> list[dict]:
@@ -240,7 +227,8 @@ def test_rotation_by_size_spreads_batches_over_sorted_files(tmp_path):
     assert pyarrow_rows(files) == rows(batches)
     # every file but the last was closed by the batch that took it past max_bytes
     for path in files[:-1]:
-        batch_messages = [m for m in message_spans(path) if m[0] == "record batch"]
+        batch_messages = [(t, a, d) for t, a, _, d in ipc_messages(path)
+                          if t == "record batch"]
         before_last = batch_messages[-2][2] if len(batch_messages) > 1 else 0
         assert before_last < 30_000 <= batch_messages[-1][2]
     for path in files:
@@ -353,9 +341,10 @@ def _run_with_file_size_limit(body: str) -> subprocess.CompletedProcess:
     nothing else. ``body`` finds ``span_batches`` and ``IpcExporter`` in scope
     and calls ``limit(n)`` to set the limit.
     """
+    here = os.path.dirname(__file__)
     script = textwrap.dedent(f"""
         import json, os, resource, signal, sys
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        sys.path[:0] = [{here!r}, {os.path.dirname(here)!r}]  # test_ipc, conftest
         from test_ipc import span_batches
         from knhk.exporters.ipc import IpcExporter
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
