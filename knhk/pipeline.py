@@ -661,7 +661,15 @@ class TelemetryPipeline:
         self._ring.wake()
         self._worker.join(max(0.0, deadline - time.monotonic()))
         ok = not self._worker.is_alive()
-        self._drain_stages("flush")
+        if ok:
+            # Metric points sealed by close() after the worker's last look, then what
+            # the stages still hold (open windows, pending traces).
+            for mb in self._metrics.drain(0.0):
+                self._deliver(MetricBatch(mb))
+            self._drain_stages("flush")
+        else:
+            logger.error("the pipeline worker did not finish within the shutdown timeout; "
+                         "%d spans were not processed", self._ring.queued + self._ring.inflight)
         for w in self._workers:
             ok = w.close(deadline) and ok
         for sink in self._sinks:
@@ -706,7 +714,6 @@ class TelemetryPipeline:
             for name, count in self._counters.items():
                 if count and (name.endswith("_dropped") or name.endswith("_lost")):
                     by_reason[name] = count
-        with self._lock:
             lat = np.fromiter(self._latency, dtype=np.float64)
             e2e = np.fromiter(self._e2e_latency, dtype=np.float64)
             processed, nb = self._processed, self._batches_processed
