@@ -12,9 +12,9 @@ import math
 
 import numpy as np
 import pytest
-from conftest import same
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from knhk_testing import same
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from knhk import AttributeValue, AttrType, _attributes

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
-from conftest import ipc_messages
+from knhk_testing import ipc_messages
 
 import knhk
 from knhk import (

@@ -16,7 +16,6 @@ requirements as (row, key id, code) triples. The plain NumPy reference that
 the tests hold this kernel equal to is ``tests/validation/_reference.py``.
 """
 
-cimport cython
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
 from knhk._core._types cimport (
@@ -339,8 +338,6 @@ cdef inline void _count(uint32_t bits, int64_t[::1] counts) noexcept nogil:
         bits &= bits - 1
 
 
-@cython.boundscheck(False)
-@cython.wraparound(False)
 def check_attributes(RegistryTables t,
                      const int32_t[::1] offsets,
                      const int32_t[::1] key_idx,
@@ -534,8 +531,6 @@ def check_attributes(RegistryTables t,
     return n_enum, n_miss, n_invalid
 
 
-@cython.boundscheck(False)
-@cython.wraparound(False)
 def check_enum_strings(RegistryTables t, Py_ssize_t n_enum,
                        const int32_t[::1] enum_pos, const int32_t[::1] enum_row,
                        const int32_t[::1] key_idx, const int32_t[::1] key_map,

@@ -321,6 +321,7 @@ class IpcFileWriter:
             self._sink.close()
             raise
         self._dicts = _DictionaryState()
+        self._good_end: int | None = None
         self.batches = 0
         self.rows = 0
         self.closed = False
@@ -346,7 +347,13 @@ class IpcFileWriter:
         meta = {CRC_KEY: f"{batch_crc(out, deltas):08x}".encode()}
         if deltas:
             meta[DICT_KEY] = format_deltas(deltas)
-        self._writer.write_batch(out, custom_metadata=meta)
+        start = self._sink.tell()
+        try:
+            self._writer.write_batch(out, custom_metadata=meta)
+        except BaseException:
+            # Half a message may be on disk: abandon() cuts the file back to here.
+            self._good_end = start
+            raise
         self.batches += 1
         self.rows += rb.num_rows
 
@@ -361,7 +368,12 @@ class IpcFileWriter:
             self._sink.close()
 
     def abandon(self) -> None:
-        """Close the file descriptor without writing anything more (after a failure)."""
+        """Close the file without a footer after a failure.
+
+        What a failed write left half on disk is cut off, so the file ends at a
+        message boundary and :mod:`knhk.replay` reads every batch written before
+        (a file that holds no batch is removed).
+        """
         if self.closed:
             return
         self.closed = True
@@ -369,6 +381,14 @@ class IpcFileWriter:
             self._sink.close()
         except Exception:  # the file is already broken; closing is best effort
             logger.debug("closing %s after a failure raised", self.path, exc_info=True)
+        try:
+            if self.batches == 0:
+                os.unlink(self.path)
+            elif self._good_end is not None:
+                os.truncate(self.path, self._good_end)
+        except OSError:
+            logger.warning("could not cut %s back to its last whole batch", self.path,
+                           exc_info=True)
 
     def __enter__(self) -> IpcFileWriter:
         return self
@@ -504,7 +524,7 @@ class IpcExporter(Exporter):
                 writer = series.writer
                 assert writer is not None
                 writer.write(batch)
-            except (OSError, pa.ArrowException, ValueError) as exc:
+            except Exception as exc:  # an exporter never raises into the pipeline
                 return self._failed(series, exc)
             self.batches_written += 1
             self.rows_written += batch.num_rows
@@ -568,7 +588,7 @@ class IpcExporter(Exporter):
         try:
             writer.close()
         except (OSError, pa.ArrowException) as exc:
-            writer.abandon()
+            self._abandon(writer)
             self._note_failure(writer.path, exc)
             return
         logger.debug("closed %s: %d batches, %d rows, %d bytes", writer.path,
@@ -587,9 +607,14 @@ class IpcExporter(Exporter):
         self._note_failure(writer.path if writer is not None else self.directory, exc)
         if series is not None and writer is not None:
             # A failed write may have left half a message; later batches go to a new file.
-            writer.abandon()
+            self._abandon(writer)
             series.writer = None
         return ExportResult.FAILURE
+
+    def _abandon(self, writer: IpcFileWriter) -> None:
+        writer.abandon()
+        if not os.path.exists(writer.path) and writer.path in self._files:
+            self._files.remove(writer.path)  # it held no batch and was removed
 
     def _close_expired_loop(self) -> None:
         assert self.max_seconds is not None

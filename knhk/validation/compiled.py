@@ -326,7 +326,8 @@ class CompiledRegistry:
         if n == 0:
             return np.zeros(0, dtype=np.int32)
         if n <= 32:
-            return np.fromiter((self.key_id(s) for s in dictionary.to_pylist()),
+            return np.fromiter((self.key_id(s) if s is not None else KEY_UNKNOWN
+                                for s in dictionary.to_pylist()),
                                dtype=np.int32, count=n)
         idx = pc.index_in(dictionary, value_set=self._key_vocab)
         out = idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32, copy=True)

@@ -100,16 +100,17 @@ def read_samples(path: str, input_format: str = "auto") -> Iterator[tuple[str, A
 
 
 def _read_ipc(path: str) -> Iterator[pa.RecordBatch]:
+    # knhk's own reader: every batch fully validated (and CRC-checked) before use, so a
+    # damaged file is a clear error naming the offset, never bad memory in a kernel.
+    from knhk.errors import CorruptFileError, SchemaError
+    from knhk.replay import read_batches
+
     try:
-        try:
-            reader = pa.ipc.open_file(path)
-            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-        except pa.ArrowInvalid:
-            reader = pa.ipc.open_stream(path)
-            batches = iter(reader)
-        yield from batches
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise LiveCheckInputError(f"{path}: not a readable Arrow IPC file: {exc}") from None
+        for batch in read_batches(path):
+            yield batch.record_batch
+    except (CorruptFileError, SchemaError, pa.ArrowInvalid, OSError) as exc:
+        where = "" if path in str(exc) else f"{path}: "
+        raise LiveCheckInputError(f"{where}not a readable Arrow IPC file: {exc}") from None
 
 
 def _read_json(path: str) -> list[dict]:

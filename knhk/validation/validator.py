@@ -59,6 +59,9 @@ from knhk.validation.compiled import CompiledRegistry, load_compiled
 from knhk.validation.loader import signature
 from knhk.validation.model import Registry
 
+#: span/metric names kept in stats() (most violated first)
+_MAX_NAMES = 4096
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -1053,6 +1056,9 @@ class WeaverValidator:
             self._code_counts += counts
             if per_name:
                 self._by_name.update(per_name)
+                if len(self._by_name) > _MAX_NAMES:
+                    # names with ids in them must not grow this without bound
+                    self._by_name = Counter(dict(self._by_name.most_common(_MAX_NAMES // 4)))
 
     # -- per event --------------------------------------------------------------------------
 
@@ -1177,7 +1183,8 @@ class WeaverValidator:
                 row_group[~np.asarray(name_ind.is_valid())] = -1
         else:
             row_group = np.full(n, -1, dtype=np.int32)
-        no_group = np.full(n, -1, dtype=np.int32) if len(self._sources) > 1 else row_group
+        # requirement levels of span groups apply to span attributes only
+        no_group = np.full(n, -1, dtype=np.int32)
         lists = []
         for source in self._sources:
             rg = row_group if source == "attributes" else no_group
@@ -1324,15 +1331,16 @@ def _record_batch(batch: Any) -> tuple[pa.RecordBatch, str]:
         rb = batches[0] if batches else pa.RecordBatch.from_pylist([], schema=table.schema)
         batch = rb
     if isinstance(batch, pa.RecordBatch):
-        meta = batch.schema.metadata or {}
-        signal = meta.get(b"knhk.signal", b"").decode()
-        if signal in ("spans", "metrics"):
-            return batch, signal
-        names = set(batch.schema.names)
-        if {"trace_id", "span_id", "attributes"} <= names:
+        if batch.schema.equals(SPAN_SCHEMA):
             return batch, "spans"
-        if {"name", "kind", "unit", "attributes"} <= names:
+        if batch.schema.equals(METRIC_SCHEMA):
             return batch, "metrics"
+        names = set(batch.schema.names)
+        if {"trace_id", "span_id"} <= names:
+            # other span columns: converted (with a SchemaError naming a bad column)
+            return SpanBatch(batch).record_batch, "spans"
+        if {"name", "kind", "unit", "attributes"} <= names:
+            return MetricBatch(batch).record_batch, "metrics"
         raise SchemaError(
             f"validate_batch takes a span batch ({len(SPAN_SCHEMA)} columns of "
             f"knhk.SPAN_SCHEMA) or a metric batch ({len(METRIC_SCHEMA)} columns of "

@@ -19,7 +19,6 @@ from collections import deque
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import same
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -29,6 +28,7 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+from knhk_testing import same
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 import knhk

@@ -14,9 +14,9 @@ import time
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import same
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from knhk_testing import same
 
 import knhk
 from knhk import AttributeValue, AttrType, Span, SpanBatch, SpanEvent, SpanKind, SpanLink

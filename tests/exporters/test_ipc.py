@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
-from conftest import ipc_messages
+from knhk_testing import ipc_messages
 
 import knhk
 from knhk import AttributeValue, ExportResult, MetricKind, MetricPoint, Span, SpanBatch
@@ -344,7 +344,7 @@ def _run_with_file_size_limit(body: str) -> subprocess.CompletedProcess:
     here = os.path.dirname(__file__)
     script = textwrap.dedent(f"""
         import json, os, resource, signal, sys
-        sys.path[:0] = [{here!r}, {os.path.dirname(here)!r}]  # test_ipc, conftest
+        sys.path[:0] = [{here!r}, {os.path.dirname(here)!r}]  # test_ipc, knhk_testing
         from test_ipc import span_batches
         from knhk.exporters.ipc import IpcExporter
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -358,7 +358,7 @@ def _run_with_file_size_limit(body: str) -> subprocess.CompletedProcess:
     return done
 
 
-def test_disk_full_mid_file_fails_the_batch_and_leaves_a_readable_prefix(tmp_path):
+def test_disk_full_mid_file_fails_the_batch_and_keeps_the_batches_before(tmp_path):
     done = _run_with_file_size_limit(f"""
         limit(60_000)
         e = IpcExporter({str(tmp_path)!r}, compression=None)
@@ -371,14 +371,11 @@ def test_disk_full_mid_file_fails_the_batch_and_leaves_a_readable_prefix(tmp_pat
     assert first_failure > 0 and set(results[:first_failure]) == {"SUCCESS"}
     failures, first_file = tail.split(" ", 1)
     assert int(failures) == results.count("FAILURE")
-    # the first file holds the batches that succeeded, then a cut message
-    with pytest.raises(knhk.CorruptFileError) as err:
-        got = []
-        for b in read_batches(first_file):
-            got.append(b)
-    assert len(got) == first_failure == err.value.batches_read
+    # the first file holds exactly the batches that succeeded: the half-written message
+    # of the failed write was cut off, so it reads back whole (as a file with no footer)
+    got = list(read_batches(first_file))
+    assert len(got) == first_failure
     assert rows(got) == rows(span_batches() * 3)[:sum(b.num_rows for b in got)]
-    assert 0 < err.value.offset < os.path.getsize(first_file)
 
 
 def test_disk_full_at_the_footer_keeps_the_batch(tmp_path):
@@ -492,3 +489,37 @@ def test_bytes_per_span_on_disk_meets_the_target(tmp_path):
     # issue 2: <= 50 bytes per span on disk with lz4 (reference workload, 10k-row batches;
     # with 1k-row batches the per-batch metadata adds ~8 bytes per span)
     assert _bytes_per_span(tmp_path, 100_000, 10_000) <= 50
+
+
+def test_a_failed_write_leaves_every_exported_batch_readable(tmp_path):
+    """After a write fails half way (file size limit), the file is cut back to its last
+    whole batch: every batch reported SUCCESS is read back, in order."""
+    script = textwrap.dedent(f"""
+        import json, logging, resource, signal
+        from knhk.exporters.ipc import IpcExporter
+        from knhk.replay import read_batches
+        from knhk.workload import WorkloadConfig, generate_batches
+        logging.disable(logging.CRITICAL)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        e = IpcExporter({str(tmp_path)!r}, compression=None)
+        batches = list(generate_batches(4000, config=WorkloadConfig(seed=1), batch_size=500))
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, hard))
+        results = [e.export(b).name for b in batches[:4]]
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        results += [e.export(b).name for b in batches[4:]]
+        e.shutdown()
+        ok = [b for b, r in zip(batches, results) if r == "SUCCESS"]
+        back = list(read_batches({str(tmp_path)!r}))
+        print(json.dumps({{"results": results, "ok_rows": sum(b.num_rows for b in ok),
+                          "back_rows": sum(b.num_rows for b in back),
+                          "same": [a.record_batch.column("span_id").to_pylist()
+                                   == b.record_batch.column("span_id").to_pylist()
+                                   for a, b in zip(ok, back)]}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True).stdout
+    got = json.loads(out)
+    assert "FAILURE" in got["results"] and got["results"][-1] == "SUCCESS"
+    assert got["back_rows"] == got["ok_rows"] > 0
+    assert all(got["same"]) and len(got["same"]) == got["results"].count("SUCCESS")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import SMALL_V1, write_registry
+from validation_testing import SMALL_V1, write_registry
 
 from knhk.validation import compiled as C
 from knhk.validation import load_registry

@@ -151,7 +151,7 @@ def test_kernel_flags_corrupt_entries_only():
     string index: each marks its own entry and nothing else."""
     import tempfile
 
-    from conftest import SMALL_V1, write_registry
+    from validation_testing import SMALL_V1, write_registry
     root = write_registry(__import__("pathlib").Path(tempfile.mkdtemp()), {"r.yaml": SMALL_V1})
     c = load_compiled(root, cache=False)
     state = _State(c, (1 << C.N_CODES) - 1)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from conftest import write_registry
+from validation_testing import write_registry
 
 import knhk
 from knhk.validation import WeaverValidator
@@ -255,3 +255,25 @@ def test_registry_check_cli_real_registries(semconv_path, knhk_registry_path, tm
     out = capsys.readouterr().out
     assert "attributes             940" in out
     assert registry_check_main([knhk_registry_path, "--no-cache"]) == 0
+
+
+def test_a_damaged_ipc_file_is_an_input_error_not_a_crash(tmp_path, knhk_registry_path):
+    from knhk.exporters.ipc import IpcFileWriter
+    from knhk.workload import WorkloadConfig, generate_batches
+
+    path = tmp_path / "w.arrow"
+    with IpcFileWriter(path, knhk.SPAN_SCHEMA, compression=None) as w:
+        for b in generate_batches(3000, config=WorkloadConfig(seed=2), batch_size=1000):
+            w.write(b)
+    data = bytearray(path.read_bytes())
+    v = WeaverValidator(knhk_registry_path)
+    # flip bytes across the file: each damaged copy is a clear input error or reads fine
+    for offset in range(200, len(data) - 200, max(1, len(data) // 40)):
+        damaged = tmp_path / f"d{offset}.arrow"
+        bad = bytearray(data)
+        bad[offset] ^= 0xFF
+        damaged.write_bytes(bytes(bad))
+        try:
+            run(v, str(damaged))
+        except LiveCheckInputError as exc:
+            assert str(damaged) in str(exc)

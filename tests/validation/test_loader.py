@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SMALL_V1, write_registry
+from validation_testing import SMALL_V1, write_registry
 
 from knhk.errors import RegistryError
 from knhk.validation import RegistryIssue, load_registry

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import SMALL_V1, SMALL_V2, write_registry
+from validation_testing import SMALL_V1, SMALL_V2, write_registry
 
 import knhk
 from knhk.validation import (

@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import SMALL_V1, SMALL_V2, write_registry
+from validation_testing import SMALL_V1, SMALL_V2, write_registry
 
 import knhk
 from knhk.errors import RegistryError, SchemaError
@@ -406,3 +406,26 @@ def test_validator_from_model_and_compiled(small_registry):
         assert v.registry.group("test.op") is not None
     with pytest.raises(TypeError):
         WeaverValidator(42)
+
+
+def test_span_group_requirements_are_not_checked_against_resource_attributes(knhk_registry_path):
+    span = knhk.Span("workflow.execute", trace_id=1, span_id=1,
+                     attributes={"workflow.id": "w-1", "workflow.pattern": "sequence"},
+                     resource_attributes={"service.name": "svc"})
+    batch = knhk.SpanBatch.from_spans([span])
+    for sources in (("attributes",), ("resource_attributes",),
+                    ("attributes", "resource_attributes")):
+        report = WeaverValidator(knhk_registry_path, sources=sources).validate_batch(batch)
+        assert "required_attribute_not_present" not in report.counts, sources
+
+
+def test_violations_by_span_name_stay_bounded(small_registry):
+    from knhk.validation import validator as vmod
+
+    v = WeaverValidator(small_registry)
+    n = vmod._MAX_NAMES + 500
+    spans = [knhk.Span(f"GET /users/{i}", trace_id=i + 1, span_id=i + 1,
+                       attributes={"no.such.attribute": 1}) for i in range(n)]
+    v.validate_batch(knhk.SpanBatch.from_spans(spans))
+    assert len(v._by_name) <= vmod._MAX_NAMES
+    assert v.stats().total_violations >= n
