@@ -56,6 +56,14 @@ from knhk.schema import (
     Temporality,
 )
 from knhk.tail_sampling import Policy, TailSampler, TailSamplingConfig
+from knhk.tracing import (
+    CriticalPath,
+    CriticalPathSection,
+    Trace,
+    TraceAssembler,
+    TraceCompletion,
+    critical_paths,
+)
 from knhk.validation import (
     BatchValidationReport,
     ValidationPolicy,
@@ -78,6 +86,8 @@ __all__ = [
     "BatchValidationReport",
     "BuildError",
     "CorruptFileError",
+    "CriticalPath",
+    "CriticalPathSection",
     "DropReason",
     "EventStream",
     "ExportResult",
@@ -108,12 +118,16 @@ __all__ = [
     "TailSamplingConfig",
     "TelemetryPipeline",
     "Temporality",
+    "Trace",
+    "TraceAssembler",
+    "TraceCompletion",
     "TraceIdRatio",
     "ValidationPolicy",
     "ValidationResult",
     "WeaverValidator",
     "__version__",
     "adjusted_counts",
+    "critical_paths",
     "reweighted_sum",
     "sampler_from_env",
     "sampling_probability",

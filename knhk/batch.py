@@ -370,6 +370,8 @@ def _id_column(name: str, col: Any, width: int) -> pa.Array:
         col = col.combine_chunks()
     if col.type == target:
         return col
+    if pa.types.is_null(col.type):  # e.g. a parent_span_id column of roots only
+        return pa.nulls(len(col), type=target)
     if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type) or \
             pa.types.is_fixed_size_binary(col.type):
         lengths = pc.binary_length(col).to_numpy(zero_copy_only=False)

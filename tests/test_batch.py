@@ -463,3 +463,12 @@ def test_invalid_rows_helper_handles_sliced_id_columns():
     assert not invalid.any()
     assert pc.equal(out.column("span_id"), rb.column("span_id").slice(1)).to_pylist() == \
         [True] * 3
+
+
+def test_an_all_null_parent_column_means_all_roots():
+    batch = knhk.SpanBatch({"trace_id": [b"\x01" * 16, b"\x02" * 16],
+                            "span_id": [b"\x01" * 8, b"\x02" * 8],
+                            "parent_span_id": [None, None], "name": ["a", "b"],
+                            "start_time_ns": [0, 5], "end_time_ns": [1, 9]})
+    assert batch.column("parent_span_id").null_count == 2
+    assert batch.column("parent_span_id").type == knhk.SPAN_SCHEMA.field("parent_span_id").type
