@@ -20,7 +20,7 @@ from knhk.errors import (
     RegistryError,
     SchemaError,
 )
-from knhk.exporters import Exporter, ExportResult, InMemoryExporter
+from knhk.exporters import Exporter, ExportResult, InMemoryExporter, IpcExporter
 from knhk.pipeline import (
     EventStream,
     PipelineBuilder,
@@ -73,6 +73,26 @@ from knhk.validation import (
 
 __version__ = "0.1.0"
 
+# OTLP pulls in grpcio and protobuf (~0.2 s): imported on first use, not with knhk.
+_LAZY = {
+    "OtlpConfig": "knhk.exporters.otlp",
+    "OtlpExporter": "knhk.exporters.otlp",
+    "RetryConfig": "knhk.exporters._retry",
+    "OtlpGrpcReceiver": "knhk.receivers",
+    "OtlpHttpReceiver": "knhk.receivers",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'knhk' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 __all__ = [
     "METRIC_SCHEMA",
     "SPAN_SCHEMA",
@@ -93,16 +113,22 @@ __all__ = [
     "ExportResult",
     "Exporter",
     "InMemoryExporter",
+    "IpcExporter",
     "KnhkError",
     "MetricBatch",
     "MetricKind",
     "MetricPoint",
+    "OtlpConfig",
+    "OtlpExporter",
+    "OtlpGrpcReceiver",
+    "OtlpHttpReceiver",
     "ParentBased",
     "PipelineBuilder",
     "PipelineClosedError",
     "PipelineStats",
     "Policy",
     "RegistryError",
+    "RetryConfig",
     "Sampler",
     "SamplingConfig",
     "SamplingDecision",

@@ -85,7 +85,9 @@ class PipelineStats:
     ``events_dropped`` counts spans the ring buffer refused or evicted (never
     processed); ``dropped_by_reason`` also names spans an exporter or an
     event stream could not take (``export_queue_full:<exporter>``, ...), and
-    metric points (``metrics_<reason>``). Latencies: *processing* is the time
+    metric points (``metrics_<reason>``). ``events_refused`` counts spans that
+    ``try_record_batch`` turned away whole (their sender keeps and retries them:
+    not received, not dropped). Latencies: *processing* is the time
     a batch spends in the stages; *pipeline* is from sealing to leaving them.
     """
 
@@ -94,6 +96,7 @@ class PipelineStats:
     events_dropped: int
     dropped_by_reason: dict[str, int]
     events_sampled_out: int
+    events_refused: int
     batches_created: int
     batches_processed: int
     validation_errors: int
@@ -426,6 +429,24 @@ class TelemetryPipeline:
                 accepted += self._ring.offer(chunk)
         return accepted
 
+    def try_record_batch(self, data: Any) -> int | None:
+        """Record all valid rows of ``data``, or none: for senders that retry.
+
+        Returns the rows taken, or None when the pipeline is full or shut down —
+        then nothing was taken, no backpressure strategy applied, and the rows
+        are counted as ``events_refused`` (the sender still holds them; an OTLP
+        receiver answers UNAVAILABLE so its client retries). Invalid rows are
+        dropped and counted as for :meth:`record_batch`.
+        """
+        rb, invalid = coerce_spans(data, default_service=self._service)
+        n_bad = int(invalid.sum())
+        if n_bad:
+            self._ring.count_invalid(n_bad)
+            rb = rb.filter(np.logical_not(invalid))
+        chunks = [rb.slice(off, self._batch_size)
+                  for off in range(0, rb.num_rows, self._batch_size)]
+        return rb.num_rows if self._ring.offer_all(chunks) else None
+
     def record_metric(self, point: MetricPoint | str, value: float | int | None = None,
                       **fields: Any) -> bool:
         """Record one metric point: a :class:`MetricPoint`, or its name, value and fields."""
@@ -725,6 +746,7 @@ class TelemetryPipeline:
             events_dropped=int(sum(drops)),
             dropped_by_reason=by_reason,
             events_sampled_out=sampled,
+            events_refused=int(ring.refused),
             batches_created=int(ring.batches_created),
             batches_processed=nb,
             validation_errors=counters.get("validation_errors", 0),

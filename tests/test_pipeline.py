@@ -546,3 +546,37 @@ def test_record_batch_and_record_span_from_threads(pipeline_factory):
     ids = _span_ids(sink)
     assert len(ids) == len(set(ids)) == 3 * (5000 + 5000)
     assert p.stats().events_dropped == 0
+
+
+def test_try_record_batch_takes_all_or_nothing(pipeline_factory):
+    sink = knhk.InMemoryExporter()
+    p = pipeline_factory(lambda b: b.with_batch_size(2).with_exporter(sink))
+    spans = [knhk.Span("a", trace_id=i, span_id=i) for i in range(1, 4)]
+    bad = knhk.SpanBatch.from_spans(spans).record_batch.to_pylist()
+    bad[1]["end_time_ns"] = bad[1]["start_time_ns"] - 1  # invalid: dropped and counted
+    assert p.try_record_batch(pa.RecordBatch.from_pylist(bad, schema=knhk.SPAN_SCHEMA)) == 2
+    assert p.force_flush(5)
+    p.shutdown()
+    assert p.try_record_batch(knhk.SpanBatch.from_spans(spans)) is None
+    stats = p.stats()
+    assert sink.spans().num_rows == 2
+    assert stats.dropped_by_reason == {"invalid": 1}
+    assert stats.events_refused == 3 and stats.events_received == 3
+
+
+def test_ring_offer_all_takes_every_chunk_or_none():
+    from knhk._build import load_core
+
+    ring = load_core("_ringbuffer").SpanRing(2, 4, int(knhk.BackpressureStrategy.DROP_NEWEST))
+    rb = knhk.SpanBatch.from_spans(
+        [knhk.Span("a", trace_id=i, span_id=i) for i in range(1, 4)]).record_batch
+    assert ring.offer_all([rb.slice(0, 2), rb.slice(2)]) is True
+    assert ring.offer_all([rb.slice(0, 2)]) is False  # 1 row free: nothing taken
+    assert (ring.received, ring.refused, sum(ring.dropped_counts())) == (3, 2, 0)
+    assert ring.offer_all([rb.slice(0, 1)]) is True
+    ring.close()
+    assert ring.offer_all([rb.slice(0, 1)]) is False
+    popped = []
+    while (item := ring.pop()) is not None:
+        popped.extend(item[0].column("span_id").to_pylist())
+    assert popped == [*rb.column("span_id").to_pylist(), rb.column("span_id")[0].as_py()]

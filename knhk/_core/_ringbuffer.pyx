@@ -746,7 +746,7 @@ cdef class SpanRing:
     cdef object space             # threading.Condition for BLOCK producers
     cdef int blocked
     cdef int64_t dropped[N_DROP_REASONS]
-    cdef readonly int64_t received, accepted, batches_created, segments_allocated
+    cdef readonly int64_t received, accepted, batches_created, segments_allocated, refused
     cdef bint closed
     cdef double admit_floor
 
@@ -963,6 +963,29 @@ cdef class SpanRing:
                     self.received += n
                     self.dropped[DROP_BLOCK_TIMEOUT] += n
                 return 0
+
+    def offer_all(self, list chunks):
+        """Queue every chunk, or none of them; return whether they were taken.
+
+        For senders that retry (OTLP receivers): when the ring is closed or lacks
+        room for all rows, nothing is taken, no strategy applies and the rows are
+        counted as ``refused`` (not received, not dropped: the sender keeps them).
+        """
+        cdef Py_ssize_t total = 0
+        for rb in chunks:
+            total += rb.num_rows
+        if total == 0:
+            return True
+        with self.lock:
+            if self.closed or self.capacity - self.queued_rows - self.seg.n < total:
+                self.refused += total
+                return False
+            self._seal_locked()  # rows recorded earlier go first
+            for rb in chunks:
+                self._push_locked(rb, rb.num_rows)
+            self.received += total
+            self.accepted += total
+        return True
 
     def count_invalid(self, Py_ssize_t n):
         """Count ``n`` rows rejected before they reached the ring."""

@@ -1,0 +1,457 @@
+"""OTLP exporter: span batches to an OpenTelemetry Collector or backend over gRPC or HTTP.
+
+Each batch is encoded once by knhk's codec (``knhk.otlp``) and put on a
+bounded sending queue served by several consumer threads; each consumer
+sends, retrying exactly what the OTLP specification calls retryable
+(:mod:`knhk.exporters._retry`). What is finally given up on is counted in
+``export_errors`` and, by reason, in ``errors_by_reason``. Spans a server
+rejects in a partial success are counted in ``spans_rejected`` and never
+retried.
+
+Configuration follows the OpenTelemetry specification's environment
+variables when an argument is left out: ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``,
+``…_HEADERS``, ``…_COMPRESSION``, ``…_TIMEOUT`` (milliseconds), ``…_PROTOCOL``,
+``…_INSECURE``.
+
+Example
+-------
+>>> from knhk.exporters.otlp import OtlpConfig, OtlpExporter
+>>> exporter = OtlpExporter(OtlpConfig(endpoint="localhost:4317", protocol="grpc"))
+>>> exporter.target, exporter.config.protocol
+('localhost:4317', 'grpc')
+>>> exporter.shutdown(timeout=1.0)
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from knhk import _attributes
+from knhk.batch import SpanBatch
+from knhk.exporters._retry import (
+    GRPC_RETRYABLE,
+    HTTP_RETRYABLE,
+    Backoff,
+    RetryConfig,
+    grpc_retry_delay,
+    retry_after_seconds,
+)
+from knhk.exporters.base import Exporter, ExportResult
+from knhk.otlp import encode_traces
+from knhk.otlp.json import encode_traces_json
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OtlpConfig", "OtlpExporter", "RetryConfig"]
+
+_PROTOCOLS = ("grpc", "http/protobuf", "http/json")
+_GRPC_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+
+
+@dataclass(frozen=True)
+class OtlpConfig:
+    """Where and how :class:`OtlpExporter` sends.
+
+    Every ``None`` is taken from the environment as the OpenTelemetry
+    specification defines it, else the default shown.
+
+    Parameters
+    ----------
+    endpoint : str, optional
+        gRPC: ``host:port`` or ``http(s)://host:port``; HTTP: the full URL of
+        ``/v1/traces`` (``localhost:4317`` / ``http://localhost:4318/v1/traces``).
+    protocol : {"grpc", "http/protobuf", "http/json"}, optional
+        Default ``grpc``. ``http/json`` goes through protobuf's JSON mapping
+        (slower than binary protobuf).
+    headers : dict, optional
+        Extra request headers / gRPC metadata.
+    compression : {"gzip", None}
+        Body compression.
+    timeout : float, optional
+        Seconds per attempt (default 10).
+    insecure : bool, optional
+        gRPC without TLS (default: TLS unless the endpoint says ``http://``).
+    certificate_file : str, optional
+        PEM roots to trust for TLS.
+    retry : RetryConfig
+        Backoff schedule; ``RetryConfig(enabled=False)`` sends once.
+    queue_size : int
+        Batches waiting to be sent before new ones are refused (and counted).
+    consumers : int
+        Threads sending concurrently.
+    """
+
+    endpoint: str | None = None
+    protocol: str | None = None
+    headers: dict[str, str] | None = None
+    compression: str | None = None
+    timeout: float | None = None
+    insecure: bool | None = None
+    certificate_file: str | None = None
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    queue_size: int = 1000
+    consumers: int = 4
+
+    def __post_init__(self) -> None:
+        if self.protocol is not None and self.protocol not in _PROTOCOLS:
+            raise ValueError(f"OtlpConfig.protocol must be one of {_PROTOCOLS}, "
+                             f"got {self.protocol!r}.")
+        if self.compression not in (None, "gzip", "none"):
+            raise ValueError(f"OtlpConfig.compression must be 'gzip' or None, "
+                             f"got {self.compression!r}.")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ValueError(f"OtlpConfig.timeout must be > 0 seconds, got {self.timeout!r}.")
+        if not isinstance(self.queue_size, int) or self.queue_size < 1:
+            raise ValueError(f"OtlpConfig.queue_size must be a positive int, "
+                             f"got {self.queue_size!r}.")
+        if not isinstance(self.consumers, int) or self.consumers < 1:
+            raise ValueError(f"OtlpConfig.consumers must be a positive int, "
+                             f"got {self.consumers!r}.")
+
+    def resolved(self, env: dict[str, str] | None = None) -> OtlpConfig:
+        """This config with every ``None`` filled from ``env`` (``os.environ``) or defaults."""
+        env = os.environ if env is None else env
+
+        def get(name: str) -> str | None:
+            for key in (f"OTEL_EXPORTER_OTLP_TRACES_{name}", f"OTEL_EXPORTER_OTLP_{name}"):
+                value = env.get(key)
+                if value is not None and value.strip():
+                    return value.strip()
+            return None
+
+        protocol = self.protocol
+        if protocol is None:
+            protocol = get("PROTOCOL") or "grpc"
+            if protocol not in _PROTOCOLS:
+                logger.warning("ignoring OTEL_EXPORTER_OTLP_PROTOCOL=%r (not one of %s)",
+                               protocol, _PROTOCOLS)
+                protocol = "grpc"
+        endpoint = self.endpoint
+        if endpoint is None:
+            specific = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+            general = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+            if specific:
+                endpoint = specific
+            elif general:
+                endpoint = general
+                if protocol != "grpc":
+                    # the spec: the signal path is appended to the general endpoint
+                    endpoint = general.rstrip("/") + "/v1/traces"
+            else:
+                endpoint = ("localhost:4317" if protocol == "grpc"
+                            else "http://localhost:4318/v1/traces")
+        headers = self.headers
+        if headers is None:
+            headers = {}
+            for key in ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"):
+                headers.update(_parse_headers(env.get(key, "")))
+        compression = self.compression
+        if compression is None:
+            raw = (get("COMPRESSION") or "none").lower()
+            if raw not in ("gzip", "none"):
+                logger.warning("ignoring OTLP compression %r (gzip or none)", raw)
+                raw = "none"
+            compression = raw
+        timeout = self.timeout
+        if timeout is None:
+            raw = get("TIMEOUT")
+            timeout = 10.0
+            if raw is not None:
+                try:
+                    timeout = float(raw) / 1000.0  # the spec's unit is milliseconds
+                    if timeout <= 0:
+                        raise ValueError
+                except ValueError:
+                    logger.warning("ignoring OTLP timeout %r (positive milliseconds)", raw)
+                    timeout = 10.0
+        insecure = self.insecure
+        if insecure is None:
+            raw = get("INSECURE")
+            insecure = raw is not None and raw.lower() == "true"
+        return replace(self, endpoint=endpoint, protocol=protocol, headers=headers,
+                       compression=None if compression == "none" else compression,
+                       timeout=timeout, insecure=insecure)
+
+
+def _parse_headers(raw: str) -> dict[str, str]:
+    """``k1=v1,k2=v2`` with percent-encoded values (the W3C baggage format the spec names)."""
+    out = {}
+    for item in raw.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            logger.warning("ignoring malformed OTLP header entry %r", item)
+            continue
+        out[key.strip().lower()] = urllib.parse.unquote(value.strip())
+    return out
+
+
+@dataclass
+class _Outcome:
+    ok: bool
+    retryable: bool = False
+    delay: float | None = None
+    reason: str = ""
+    rejected: int = 0
+
+
+class OtlpExporter(Exporter):
+    """Send span batches over OTLP (gRPC or HTTP/protobuf) with spec-correct retries.
+
+    Parameters
+    ----------
+    config : OtlpConfig, optional
+        Unset fields come from the ``OTEL_EXPORTER_OTLP_*`` environment.
+    """
+
+    name = "otlp"
+
+    def __init__(self, config: OtlpConfig | None = None) -> None:
+        self.config = (config or OtlpConfig()).resolved()
+        self._lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue(self.config.queue_size)
+        self._stop = threading.Event()
+        self._closed = False
+        self._inflight = 0
+        self.batches_exported = 0
+        self.spans_exported = 0
+        self.spans_rejected = 0
+        self.export_errors = 0
+        self.spans_failed = 0
+        self.errors_by_reason: Counter[str] = Counter()
+        self._setup_transport()
+        self._threads = [threading.Thread(target=self._consume, name=f"knhk-otlp-{i}",
+                                          daemon=True) for i in range(self.config.consumers)]
+        for t in self._threads:
+            t.start()
+
+    # -- transport ---------------------------------------------------------------
+
+    def _setup_transport(self) -> None:
+        c = self.config
+        endpoint = c.endpoint
+        if c.protocol == "grpc":
+            import grpc
+
+            secure = not c.insecure
+            parsed = urllib.parse.urlparse(endpoint if "://" in endpoint else "//" + endpoint)
+            if parsed.scheme in ("http", "https"):
+                secure = parsed.scheme == "https"
+            self.target = parsed.netloc or endpoint
+            if secure:
+                roots = None
+                if c.certificate_file:
+                    with open(c.certificate_file, "rb") as f:
+                        roots = f.read()
+                self._channel = grpc.secure_channel(self.target,
+                                                    grpc.ssl_channel_credentials(roots))
+            else:
+                self._channel = grpc.insecure_channel(self.target)
+            self._call = self._channel.unary_unary(_GRPC_METHOD)
+            self._grpc = grpc
+        else:
+            if "://" not in endpoint:
+                endpoint = "http://" + endpoint
+            self.target = endpoint
+            self._ssl = None
+            if c.certificate_file:
+                import ssl
+
+                self._ssl = ssl.create_default_context(cafile=c.certificate_file)
+
+    def _send(self, payload: bytes, timeout: float) -> _Outcome:
+        if self.config.protocol == "grpc":
+            return self._send_grpc(payload, timeout)
+        return self._send_http(payload, timeout)
+
+    def _send_grpc(self, payload: bytes, timeout: float) -> _Outcome:
+        grpc = self._grpc
+        compression = grpc.Compression.Gzip if self.config.compression == "gzip" else None
+        try:
+            response = self._call(payload, timeout=timeout,
+                                  metadata=tuple(self.config.headers.items()) or None,
+                                  compression=compression)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            name = code.name if code is not None else "UNKNOWN"
+            delay = grpc_retry_delay(exc.trailing_metadata())
+            retryable = name in GRPC_RETRYABLE or (name == "RESOURCE_EXHAUSTED"
+                                                   and delay is not None)
+            return _Outcome(False, retryable, delay, f"grpc:{name}")
+        return _Outcome(True, rejected=_rejected(response))
+
+    def _send_http(self, payload: bytes, timeout: float) -> _Outcome:
+        is_json = self.config.protocol == "http/json"
+        headers = {"Content-Type": "application/json" if is_json else "application/x-protobuf",
+                   **self.config.headers}
+        if self.config.compression == "gzip":
+            payload = gzip.compress(payload, compresslevel=5)
+            headers["Content-Encoding"] = "gzip"
+        req = urllib.request.Request(self.target, data=payload, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout, context=self._ssl) as resp:
+                body = resp.read()
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+            delay = retry_after_seconds(exc.headers.get("Retry-After")) if exc.headers else None
+            exc.close()
+            return _Outcome(False, status in HTTP_RETRYABLE, delay, f"http:{status}")
+        except (urllib.error.URLError, OSError) as exc:
+            # connection refused / reset / timed out: the backend is unreachable
+            reason = getattr(exc, "reason", exc)
+            return _Outcome(False, True, None, f"http:unreachable ({type(reason).__name__})")
+        return _Outcome(True, rejected=_rejected_json(body) if is_json else _rejected(body))
+
+    # -- queue -------------------------------------------------------------------
+
+    def export(self, batch: Any) -> ExportResult:
+        """Encode ``batch`` and queue it; FAILURE (counted) when the queue is full or closed."""
+        n = batch.num_rows
+        if not isinstance(batch, SpanBatch):
+            # metrics over OTLP are not implemented yet: counted, never dropped silently
+            if n:
+                self._fail("unsupported_signal", n)
+            return ExportResult.FAILURE if n else ExportResult.SUCCESS
+        if n == 0:
+            return ExportResult.SUCCESS
+        if self._closed:
+            self._fail("shutdown", n)
+            return ExportResult.FAILURE
+        if self.config.protocol == "http/json":
+            payload = encode_traces_json(batch).encode()
+        else:
+            payload = encode_traces(batch)
+        try:
+            self._queue.put_nowait((payload, n))
+        except queue.Full:
+            self._fail("queue_full", n)
+            return ExportResult.FAILURE
+        return ExportResult.SUCCESS
+
+    def _fail(self, reason: str, n: int) -> None:
+        with self._lock:
+            self.export_errors += 1
+            self.spans_failed += n
+            self.errors_by_reason[reason] += 1
+        logger.warning("OTLP export of %d spans to %s failed: %s", n, self.target, reason)
+
+    def _consume(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                self._queue.task_done()
+                return
+            try:
+                with self._lock:
+                    self._inflight += 1
+                self._deliver(*item)
+            except Exception:  # an exporter never takes the pipeline down
+                logger.exception("OTLP consumer failed")
+                self._fail("internal_error", item[1])
+            finally:
+                with self._lock:
+                    self._inflight -= 1
+                self._queue.task_done()
+
+    def _deliver(self, payload: bytes, n: int) -> None:
+        retry = self.config.retry
+        backoff = Backoff(retry)
+        start = time.monotonic()
+        while True:
+            if self._stop.is_set():
+                self._fail("shutdown", n)
+                return
+            outcome = self._send(payload, self.config.timeout)
+            if outcome.ok:
+                with self._lock:
+                    self.batches_exported += 1
+                    self.spans_exported += n - outcome.rejected
+                    self.spans_rejected += outcome.rejected
+                return
+            if not outcome.retryable or not retry.enabled:
+                self._fail(outcome.reason, n)
+                return
+            delay = outcome.delay if outcome.delay is not None else backoff.next_delay()
+            if time.monotonic() - start + delay > retry.max_elapsed_time:
+                self._fail(f"retries_exhausted:{outcome.reason}", n)
+                return
+            logger.debug("OTLP %s; retrying in %.3fs", outcome.reason, delay)
+            if self._stop.wait(delay):
+                self._fail("shutdown", n)
+                return
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def force_flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued has been sent or given up on."""
+        deadline = time.monotonic() + (30.0 if timeout is None else timeout)
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._queue.unfinished_tasks == 0 and self._inflight == 0:
+                    return True
+            time.sleep(0.005)
+        return False
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Send what is queued until ``timeout`` (default 10 s); count the rest as failed.
+
+        Returns within ``timeout`` plus one attempt's send timeout at worst,
+        even with the backend down: waits between retries are cut short.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self.force_flush(10.0 if timeout is None else timeout)
+        self._stop.set()
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                self._fail("shutdown", item[1])
+            self._queue.task_done()
+        for _ in self._threads:
+            self._queue.put(None)
+        end = time.monotonic() + 0.5
+        for t in self._threads:
+            t.join(max(0.0, end - time.monotonic()))
+        if self.config.protocol == "grpc":
+            self._channel.close()
+
+
+def _rejected(response: bytes) -> int:
+    """``partial_success.rejected_spans`` of an ExportTraceServiceResponse (0 if none)."""
+    try:
+        for no, wt, body in _attributes._fields(response):
+            if no == 1 and wt == 2:
+                for n2, w2, v in _attributes._fields(body):
+                    if n2 == 1 and w2 == 0:
+                        return int(v)
+    except ValueError:
+        logger.warning("unreadable OTLP response body (%d bytes)", len(response))
+    return 0
+
+
+def _rejected_json(response: bytes) -> int:
+    """``partialSuccess.rejectedSpans`` of an OTLP/JSON response (0 if none)."""
+    try:
+        obj = json.loads(response or b"{}")
+        part = obj.get("partialSuccess") or obj.get("partial_success") or {}
+        return int(part.get("rejectedSpans") or part.get("rejected_spans") or 0)
+    except (ValueError, AttributeError, TypeError):
+        logger.warning("unreadable OTLP/JSON response body (%d bytes)", len(response))
+        return 0

@@ -1,0 +1,116 @@
+"""OTLP/JSON for traces, as the OTLP specification maps it.
+
+The OTLP JSON encoding is protobuf's JSON mapping with three differences:
+trace and span ids are hex strings (not base64), enums are integers, and keys
+are lowerCamelCase (the original names are accepted too). 64-bit integers are
+decimal strings on output and may be strings or numbers on input. This module
+converts between that and protobuf bytes with opentelemetry-proto's classes
+and protobuf's ``json_format`` (JSON is the slow path; the binary codec in
+:mod:`knhk.otlp` carries the hot one), then uses the binary codec.
+
+Example
+-------
+>>> from knhk.otlp.json import decode_traces_json, encode_traces_json
+>>> body = ('{"resourceSpans": [{"scopeSpans": [{"spans": [{'
+...         '"traceId": "5b8efff798038103d269b633813fc60c", "spanId": "eee19b7ec3c1b174",'
+...         '"name": "GET", "kind": 2, "startTimeUnixNano": "1544712660000000000",'
+...         '"endTimeUnixNano": "1544712661000000000"}]}]}]}')
+>>> batch = decode_traces_json(body)
+>>> batch.column("trace_id").to_pylist()[0].hex(), batch.column("kind").to_pylist()
+('5b8efff798038103d269b633813fc60c', [2])
+>>> '"traceId": "5b8efff798038103d269b633813fc60c"' in encode_traces_json(batch)
+True
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from google.protobuf import json_format
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+)
+
+from knhk.batch import SpanBatch
+from knhk.otlp import DEFAULT_MAX_DEPTH, OtlpDecodeError, decode_traces, encode_traces
+
+__all__ = ["decode_traces_json", "encode_traces_json"]
+
+_ID_KEYS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id")
+
+
+def _ids(obj: Any, convert) -> None:
+    """Apply ``convert`` to every span / link id in a parsed OTLP JSON tree."""
+    for rs in obj.get("resourceSpans", obj.get("resource_spans", [])) or []:
+        for ss in rs.get("scopeSpans", rs.get("scope_spans", [])) or []:
+            for span in ss.get("spans", []) or []:
+                for holder in [span, *(span.get("links") or [])]:
+                    for key in _ID_KEYS:
+                        if key in holder and isinstance(holder[key], str):
+                            holder[key] = convert(holder[key], key)
+
+
+def _depth(obj: Any, limit: int) -> None:
+    """Refuse JSON nested deeper than ``limit`` levels (before protobuf recurses into it)."""
+    stack = [(obj, 0)]
+    while stack:
+        node, d = stack.pop()
+        if d > limit:
+            raise OtlpDecodeError(f"malformed OTLP/JSON request: nested deeper than {limit}")
+        if isinstance(node, dict):
+            stack.extend((v, d + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, d + 1) for v in node)
+
+
+def decode_traces_json(data: str | bytes, *, max_depth: int = DEFAULT_MAX_DEPTH,
+                       default_service: str = "unknown_service") -> SpanBatch:
+    """Decode an OTLP/JSON ``ExportTraceServiceRequest`` into a :class:`SpanBatch`.
+
+    Raises
+    ------
+    OtlpDecodeError
+        Not JSON, not the request's shape, or an id that is not hex.
+    """
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise OtlpDecodeError(f"malformed OTLP/JSON request: {exc}") from None
+    if not isinstance(obj, dict):
+        raise OtlpDecodeError("malformed OTLP/JSON request: the top level must be an object")
+    # AnyValue nesting costs about 4 JSON levels per level
+    _depth(obj, 4 * max_depth + 16)
+
+    def hex_to_b64(value: str, key: str) -> str:
+        try:
+            return base64.b64encode(bytes.fromhex(value)).decode()
+        except ValueError:
+            raise OtlpDecodeError(
+                f"malformed OTLP/JSON request: {key} must be hex, got {value[:40]!r}") from None
+
+    try:
+        _ids(obj, hex_to_b64)
+        msg = json_format.ParseDict(obj, ExportTraceServiceRequest(),
+                                    ignore_unknown_fields=True)
+    except (json_format.ParseError, AttributeError, TypeError) as exc:
+        raise OtlpDecodeError(f"malformed OTLP/JSON request: {exc}") from None
+    return decode_traces(msg.SerializeToString(), max_depth=max_depth,
+                         default_service=default_service)
+
+
+def encode_traces_json(batch: SpanBatch) -> str:
+    """Encode a span batch as an OTLP/JSON ``ExportTraceServiceRequest`` string."""
+    msg = ExportTraceServiceRequest.FromString(encode_traces(batch))
+    obj = json_format.MessageToDict(msg, use_integers_for_enums=True)
+
+    def b64_to_hex(value: str, key: str) -> str:
+        try:
+            return base64.b64decode(value).hex()
+        except binascii.Error:  # pragma: no cover - protobuf wrote it
+            return value
+
+    _ids(obj, b64_to_hex)
+    return json.dumps(obj, separators=(", ", ": "))

@@ -1,0 +1,95 @@
+"""What the OTLP receivers share: admission into a pipeline and google.rpc.Status bytes."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import dataclass
+
+from knhk import _attributes
+from knhk.batch import SpanBatch
+from knhk.errors import PipelineClosedError
+
+logger = logging.getLogger(__name__)
+
+#: gRPC / google.rpc codes used by the receivers.
+INVALID_ARGUMENT = 3
+RESOURCE_EXHAUSTED = 8
+UNAUTHENTICATED = 16
+UNAVAILABLE = 14
+
+#: How long a refused client is told to wait before retrying (seconds).
+RETRY_AFTER_S = 1
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What became of one request's spans."""
+
+    accepted: bool
+    rejected_spans: int = 0
+    message: str = ""
+
+
+def admit(pipeline, batch: SpanBatch) -> Admission:
+    """Hand ``batch`` to ``pipeline`` whole, or refuse it whole when there is no room.
+
+    A refusal is never a silent loss: the client gets UNAVAILABLE / 503 and
+    retries. Invalid rows (all-zero ids, end before start) are dropped and
+    counted by the pipeline and reported back as a partial success.
+    """
+    n = batch.num_rows
+    if n == 0:
+        return Admission(True)
+    try:
+        accepted = pipeline.try_record_batch(batch)
+    except PipelineClosedError:
+        accepted = None
+    if accepted is None:
+        if pipeline.closed:
+            return Admission(False, message="the pipeline is shut down")
+        return Admission(False, message=(
+            f"the pipeline is full (the request has {n} spans); retry later"))
+    stats_invalid = n - accepted
+    if stats_invalid:
+        return Admission(True, stats_invalid, (
+            f"{stats_invalid} of {n} spans were rejected (invalid ids or times, or no room)"))
+    return Admission(True)
+
+
+def bearer_ok(expected: str | None, header: str | None) -> bool:
+    """Constant-time check of an ``Authorization: Bearer <token>`` header."""
+    if expected is None:
+        return True
+    if not header:
+        return False
+    return hmac.compare_digest(header.encode(), f"Bearer {expected}".encode())
+
+
+def status_bytes(code: int, message: str, retry_after_s: float | None = None) -> bytes:
+    """A serialized ``google.rpc.Status``, with a ``RetryInfo`` detail when asked."""
+    out = b""
+    if code:
+        out += b"\x08" + _attributes._varint(code)
+    if message:
+        out += _attributes._ld(2, message.encode())
+    if retry_after_s is not None:
+        secs = int(retry_after_s)
+        nanos = round((retry_after_s - secs) * 1e9)
+        duration = (b"\x08" + _attributes._varint(secs) if secs else b"") + (
+            b"\x10" + _attributes._varint(nanos) if nanos else b"")
+        retry_info = _attributes._ld(1, duration)
+        any_msg = _attributes._ld(1, b"type.googleapis.com/google.rpc.RetryInfo") + \
+            _attributes._ld(2, retry_info)
+        out += _attributes._ld(3, any_msg)
+    return out
+
+
+def partial_success_bytes(rejected: int, message: str) -> bytes:
+    """An ``Export*ServiceResponse`` with ``partial_success`` (empty when nothing was rejected)."""
+    if not rejected and not message:
+        return b""
+    body = b"\x08" + _attributes._varint(rejected) if rejected else b""
+    if message:
+        body += _attributes._ld(2, message.encode())
+    return _attributes._ld(1, body)

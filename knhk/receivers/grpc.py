@@ -1,0 +1,137 @@
+"""OTLP/gRPC receiver: ``TraceService/Export`` on localhost:4317, feeding a pipeline.
+
+The request arrives as raw bytes (no protobuf objects are built) and is
+decoded by knhk's own codec straight into a span batch. A malformed request
+is refused whole with ``INVALID_ARGUMENT``; a full pipeline answers
+``UNAVAILABLE`` with ``RetryInfo`` so OTLP clients retry; nothing is dropped
+silently.
+
+Example
+-------
+>>> import knhk
+>>> from knhk.receivers import OtlpGrpcReceiver
+>>> sink = knhk.InMemoryExporter()
+>>> with knhk.TelemetryPipeline.builder().with_exporter(sink).build() as pipeline:
+...     with OtlpGrpcReceiver(pipeline, endpoint="localhost:0") as receiver:
+...         receiver.port > 0
+True
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from knhk.otlp import DEFAULT_MAX_DEPTH, OtlpDecodeError, decode_traces
+from knhk.receivers import _common
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OtlpGrpcReceiver"]
+
+_TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+
+
+class OtlpGrpcReceiver:
+    """An OTLP/gRPC server whose TraceService feeds ``pipeline``.
+
+    Parameters
+    ----------
+    pipeline : TelemetryPipeline
+        Where decoded spans go (``record_batch``).
+    endpoint : str
+        ``host:port`` to bind; ``localhost:4317`` by default, port 0 picks a free one.
+    max_request_bytes : int
+        The largest request accepted, compressed and decompressed (gRPC's
+        receive limit); larger ones get ``RESOURCE_EXHAUSTED``.
+    max_depth : int
+        The deepest nesting of AnyValue arrays / kvlists accepted.
+    bearer_token : str, optional
+        When set, requests must carry ``authorization: Bearer <token>``
+        (compared in constant time) or get ``UNAUTHENTICATED``.
+    server_credentials : grpc.ServerCredentials, optional
+        TLS; plaintext when omitted.
+    max_workers : int
+        Threads serving requests.
+    """
+
+    def __init__(self, pipeline: Any, *, endpoint: str = "localhost:4317",
+                 max_request_bytes: int = 4 * 1024 * 1024, max_depth: int = DEFAULT_MAX_DEPTH,
+                 bearer_token: str | None = None,
+                 server_credentials: grpc.ServerCredentials | None = None,
+                 max_workers: int = 4) -> None:
+        if not isinstance(max_request_bytes, int) or max_request_bytes < 1:
+            raise ValueError(
+                f"max_request_bytes must be a positive int, got {max_request_bytes!r}.")
+        if ":" not in endpoint:
+            raise ValueError(f"endpoint must be 'host:port', got {endpoint!r}.")
+        self.pipeline = pipeline
+        self.endpoint = endpoint
+        self.max_depth = max_depth
+        self._token = bearer_token
+        self._creds = server_credentials
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="knhk-otlp"),
+            options=[("grpc.max_receive_message_length", max_request_bytes)],
+        )
+        handler = grpc.unary_unary_rpc_method_handler(self._export_traces)
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(_TRACE_SERVICE, {"Export": handler}),))
+        self.port = 0
+        self.requests = 0
+        self.spans_received = 0
+        self.requests_refused = 0
+        self.requests_invalid = 0
+
+    def start(self) -> OtlpGrpcReceiver:
+        """Bind and start serving; ``port`` is the bound port."""
+        if self._creds is None:
+            self.port = self._server.add_insecure_port(self.endpoint)
+        else:
+            self.port = self._server.add_secure_port(self.endpoint, self._creds)
+        if self.port == 0:
+            raise OSError(f"cannot bind the OTLP/gRPC receiver to {self.endpoint}")
+        self._server.start()
+        logger.info("OTLP/gRPC receiver listening on %s (port %d)", self.endpoint, self.port)
+        return self
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        """Stop accepting requests; in-flight ones get ``grace`` seconds to finish."""
+        self._server.stop(grace).wait()
+
+    def __enter__(self) -> OtlpGrpcReceiver:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _export_traces(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.requests += 1
+        if self._token is not None:
+            meta = dict(context.invocation_metadata())
+            if not _common.bearer_ok(self._token, meta.get("authorization")):
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        try:
+            batch = decode_traces(request, max_depth=self.max_depth)
+        except OtlpDecodeError as exc:
+            self.requests_invalid += 1
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        result = _common.admit(self.pipeline, batch)
+        if not result.accepted:
+            self.requests_refused += 1
+            context.abort_with_status(_Status(
+                grpc.StatusCode.UNAVAILABLE, result.message,
+                (("grpc-status-details-bin", _common.status_bytes(
+                    _common.UNAVAILABLE, result.message, _common.RETRY_AFTER_S)),)))
+        self.spans_received += batch.num_rows - result.rejected_spans
+        return _common.partial_success_bytes(result.rejected_spans, result.message)
+
+
+class _Status(grpc.Status):
+    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: tuple) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata
