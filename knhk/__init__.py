@@ -55,6 +55,15 @@ from knhk.schema import (
     SpanLink,
     Temporality,
 )
+from knhk.stream import (
+    CepAction,
+    CepPattern,
+    CepRule,
+    DDSketch,
+    Matcher,
+    StreamProcessor,
+    WindowConfig,
+)
 from knhk.tail_sampling import Policy, TailSampler, TailSamplingConfig
 from knhk.tracing import (
     CriticalPath,
@@ -105,9 +114,13 @@ __all__ = [
     "BackpressureStrategy",
     "BatchValidationReport",
     "BuildError",
+    "CepAction",
+    "CepPattern",
+    "CepRule",
     "CorruptFileError",
     "CriticalPath",
     "CriticalPathSection",
+    "DDSketch",
     "DropReason",
     "EventStream",
     "ExportResult",
@@ -115,6 +128,7 @@ __all__ = [
     "InMemoryExporter",
     "IpcExporter",
     "KnhkError",
+    "Matcher",
     "MetricBatch",
     "MetricKind",
     "MetricPoint",
@@ -140,6 +154,7 @@ __all__ = [
     "SpanLink",
     "SpanStatus",
     "StageResult",
+    "StreamProcessor",
     "TailSampler",
     "TailSamplingConfig",
     "TelemetryPipeline",
@@ -151,6 +166,7 @@ __all__ = [
     "ValidationPolicy",
     "ValidationResult",
     "WeaverValidator",
+    "WindowConfig",
     "__version__",
     "adjusted_counts",
     "critical_paths",

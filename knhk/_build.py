@@ -8,7 +8,7 @@ from types import ModuleType
 from knhk.errors import BuildError
 
 #: The compiled modules of knhk._core, in the order ``knhk info`` lists them.
-CORE_MODULES = ("_span", "_ringbuffer", "_sampling", "_validate", "_tracing", "_otlp")
+CORE_MODULES = ("_span", "_ringbuffer", "_sampling", "_validate", "_tracing", "_otlp", "_sketch")
 
 _HOW = (
     "knhk's compiled core is missing or was built for another Python/NumPy. "
