@@ -21,6 +21,7 @@ cimport numpy as cnp
 
 from libc.stdint cimport int16_t
 
+from knhk._core._ids cimport be64, id_hash
 from knhk._core._types cimport int8_t, int32_t, int64_t, uint8_t, uint64_t
 
 cnp.import_array()
@@ -30,9 +31,6 @@ cdef enum:
     RULE_CONSISTENT = 1
 
 cdef uint64_t _MASK56 = 0x00FFFFFFFFFFFFFFULL
-cdef uint64_t _GOLDEN = 0x9E3779B97F4A7C15ULL
-cdef uint64_t _MIX1 = 0xBF58476D1CE4E5B9ULL
-cdef uint64_t _MIX2 = 0x94D049BB133111EBULL
 
 
 cdef packed struct trace_slot_t:
@@ -63,25 +61,9 @@ SLOT_FREE = 0
 SLOT_PENDING = 1
 
 
-cdef inline uint64_t _be64(const uint8_t* p) noexcept nogil:
-    # Big-endian load; compilers turn the shifts into one bswap.
-    return ((<uint64_t>p[0] << 56) | (<uint64_t>p[1] << 48) | (<uint64_t>p[2] << 40)
-            | (<uint64_t>p[3] << 32) | (<uint64_t>p[4] << 24) | (<uint64_t>p[5] << 16)
-            | (<uint64_t>p[6] << 8) | <uint64_t>p[7])
-
-
-cdef inline uint64_t _hash(uint64_t hi, uint64_t lo) noexcept nogil:
-    # splitmix64 finalizer (Steele, Lea, Flood 2014) over both halves, so that
-    # sequential test ids spread as well as random ones.
-    cdef uint64_t z = lo ^ (hi * _GOLDEN)
-    z = (z ^ (z >> 30)) * _MIX1
-    z = (z ^ (z >> 27)) * _MIX2
-    return z ^ (z >> 31)
-
-
 cdef inline Py_ssize_t _find(const uint64_t* keys, const int32_t* vals, uint64_t mask,
                              uint64_t hi, uint64_t lo) noexcept nogil:
-    cdef uint64_t j = _hash(hi, lo) & mask
+    cdef uint64_t j = id_hash(hi, lo) & mask
     while True:
         if vals[j] < 0:
             return -1
@@ -93,7 +75,7 @@ cdef inline Py_ssize_t _find(const uint64_t* keys, const int32_t* vals, uint64_t
 cdef inline void _insert(uint64_t* keys, int32_t* vals, uint64_t mask,
                          uint64_t hi, uint64_t lo, int32_t value) noexcept nogil:
     # The caller keeps the load factor <= 1/2, so an empty bucket exists.
-    cdef uint64_t j = _hash(hi, lo) & mask
+    cdef uint64_t j = id_hash(hi, lo) & mask
     while vals[j] >= 0:
         j = (j + 1) & mask
     keys[2 * j] = hi
@@ -112,7 +94,7 @@ cdef inline void _delete(uint64_t* keys, int32_t* vals, uint64_t mask,
         j = (j + 1) & mask
         if vals[j] < 0:
             break
-        home = _hash(keys[2 * j], keys[2 * j + 1]) & mask
+        home = id_hash(keys[2 * j], keys[2 * j + 1]) & mask
         if i <= j:
             if i < home <= j:
                 continue
@@ -139,12 +121,12 @@ def ratio_mask(const uint8_t[:, ::1] trace_ids, uint64_t bound, bint keep_all, i
             kept = n
         elif rule == RULE_CONSISTENT:
             for i in range(n):
-                k = ((~_be64(&trace_ids[i, 8])) & _MASK56) < bound
+                k = ((~be64(&trace_ids[i, 8])) & _MASK56) < bound
                 o[i] = k
                 kept += k
         else:
             for i in range(n):
-                k = _be64(&trace_ids[i, 8]) < bound
+                k = be64(&trace_ids[i, 8]) < bound
                 o[i] = k
                 kept += k
     return out, kept
@@ -178,7 +160,7 @@ def priority_mask(const uint8_t[:, ::1] trace_ids, const int8_t[::1] status,
         cnt[c] = 0
     with nogil:
         for i in range(n):
-            key = _be64(&trace_ids[i, 8])
+            key = be64(&trace_ids[i, 8])
             if rule == RULE_CONSISTENT:
                 key = (~key) & _MASK56
             if status[i] == 2:
@@ -238,8 +220,8 @@ def tail_ingest(const uint8_t[:, ::1] trace_ids, const uint8_t[::1] is_root,
     with nogil:
         i = row0
         while i < n:
-            hi = _be64(&trace_ids[i, 0])
-            lo = _be64(&trace_ids[i, 8])
+            hi = be64(&trace_ids[i, 0])
+            lo = be64(&trace_ids[i, 8])
             j = _find(keys, vals, mask, hi, lo)
             if j >= 0:
                 slot = &slots[vals[j]]
@@ -373,8 +355,8 @@ def table_lookup(const uint64_t[::1] keys, const int32_t[::1] vals,
     cdef int32_t[::1] o = out
     with nogil:
         for i in range(n):
-            j = _find(&keys[0], &vals[0], mask, _be64(&trace_ids[i, 0]),
-                      _be64(&trace_ids[i, 8]))
+            j = _find(&keys[0], &vals[0], mask, be64(&trace_ids[i, 0]),
+                      be64(&trace_ids[i, 8]))
             if j >= 0:
                 o[i] = vals[j]
     return out

@@ -27,13 +27,11 @@ cimport numpy as cnp
 
 from libc.stdlib cimport free, malloc, qsort
 
+from knhk._core._ids cimport be64, id_hash
 from knhk._core._types cimport int8_t, int64_t, uint8_t, uint64_t
 
 cnp.import_array()
 
-cdef uint64_t _GOLDEN = 0x9E3779B97F4A7C15ULL
-cdef uint64_t _MIX1 = 0xBF58476D1CE4E5B9ULL
-cdef uint64_t _MIX2 = 0x94D049BB133111EBULL
 
 # OTel SpanKind numbering.
 cdef enum:
@@ -53,20 +51,6 @@ cdef struct child_t:
     int64_t end
     int64_t start
     int64_t pos
-
-
-cdef inline uint64_t _be64(const uint8_t* p) noexcept nogil:
-    return ((<uint64_t>p[0] << 56) | (<uint64_t>p[1] << 48) | (<uint64_t>p[2] << 40)
-            | (<uint64_t>p[3] << 32) | (<uint64_t>p[4] << 24) | (<uint64_t>p[5] << 16)
-            | (<uint64_t>p[6] << 8) | <uint64_t>p[7])
-
-
-cdef inline uint64_t _hash(uint64_t hi, uint64_t lo) noexcept nogil:
-    # splitmix64 finalizer over both halves (Steele, Lea, Flood 2014).
-    cdef uint64_t z = lo ^ (hi * _GOLDEN)
-    z = (z ^ (z >> 30)) * _MIX1
-    z = (z ^ (z >> 27)) * _MIX2
-    return z ^ (z >> 31)
 
 
 cdef inline int _child_cmp(const void* a, const void* b) noexcept nogil:
@@ -116,7 +100,7 @@ cdef bint _grow(uint64_t** keys_p, int64_t** vals_p, Py_ssize_t* cap_p) noexcept
     for i in range(old):
         if ov[i] < 0:
             continue
-        j = _hash(ok[2 * i], ok[2 * i + 1]) & mask
+        j = id_hash(ok[2 * i], ok[2 * i + 1]) & mask
         while vals[j] >= 0:
             j = (j + 1) & mask
         keys[2 * j] = ok[2 * i]
@@ -172,12 +156,12 @@ def assemble(const uint8_t[:, ::1] trace_ids, const uint8_t[:, ::1] span_ids,
     # together, so the previous row's trace is tried before the table.
     with nogil:
         for i in range(n):
-            hi = _be64(&trace_ids[i, 0])
-            lo = _be64(&trace_ids[i, 8])
+            hi = be64(&trace_ids[i, 0])
+            lo = be64(&trace_ids[i, 8])
             if last_t >= 0 and hi == last_hi and lo == last_lo:
                 trace_of[i] = last_t
                 continue
-            j = _hash(hi, lo) & mask
+            j = id_hash(hi, lo) & mask
             while True:
                 if vals[j] < 0:
                     keys[2 * j] = hi
@@ -237,8 +221,8 @@ def assemble(const uint8_t[:, ::1] trace_ids, const uint8_t[:, ::1] span_ids,
             t = trace_of[i]
             p = counts[t]
             srt[p] = i
-            ssid[p] = _be64(&span_ids[i, 0])
-            spid[p] = _be64(&parent_ids[i, 0]) if has_parent[i] else 0
+            ssid[p] = be64(&span_ids[i, 0])
+            spid[p] = be64(&parent_ids[i, 0]) if has_parent[i] else 0
             counts[t] += 1
 
     # 3. Per trace, a small table on span id (it stays in cache): keep the
@@ -258,7 +242,7 @@ def assemble(const uint8_t[:, ::1] trace_ids, const uint8_t[:, ::1] span_ids,
             offsets[t] = m
             for p in range(a, b):
                 sid = ssid[p]
-                j = _hash(0, sid) & mask
+                j = id_hash(0, sid) & mask
                 while True:
                     if lvals[j] < 0:
                         lkeys[j] = sid
@@ -276,7 +260,7 @@ def assemble(const uint8_t[:, ::1] trace_ids, const uint8_t[:, ::1] span_ids,
                 sid = spid[p]
                 if sid == 0:
                     continue
-                j = _hash(0, sid) & mask
+                j = id_hash(0, sid) & mask
                 q = -1
                 while lvals[j] >= 0:
                     if lkeys[j] == sid:
