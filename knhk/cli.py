@@ -130,7 +130,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_pipeline(args: argparse.Namespace, exporters: list[Any]) -> Any:
+def _build_pipeline(args: argparse.Namespace, exporters: list[Any],
+                    stages: Sequence[Any] = ()) -> Any:
     import knhk
 
     builder = (knhk.TelemetryPipeline.builder()
@@ -143,6 +144,8 @@ def _build_pipeline(args: argparse.Namespace, exporters: list[Any]) -> Any:
         builder.with_weaver_registry(registry)
     if getattr(args, "sample", True):
         builder.with_adaptive_sampling(knhk.SamplingConfig())
+    for stage in stages:
+        builder.with_stage(stage)
     for e in exporters:
         builder.with_exporter(e)
     return builder.build()
@@ -206,6 +209,8 @@ class _CountingExporter:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import pyarrow.compute as pc
+
     import knhk
     from knhk import workload
     from knhk.exporters.ipc import IpcExporter
@@ -218,7 +223,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ipc = IpcExporter(out_dir, prefix="demo", compression="lz4")
     counter = _CountingExporter()
     args.registry = registry
-    pipeline = _build_pipeline(args, [ipc, counter])
+    # RED aggregates per minute, service and operation, before sampling
+    windows = knhk.StreamProcessor(knhk.WindowConfig.tumbling(seconds=60, allowed_lateness=30))
+    pipeline = _build_pipeline(args, [ipc, counter], stages=[windows])
     config = workload.WorkloadConfig(seed=args.seed, services=args.services)
     started = time.perf_counter()
     done = 0
@@ -245,6 +252,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     rows += _stats_rows(stats)
     rows.append(("files written", len(ipc.files)))
     print(_table(rows))
+    results = windows.get_results(as_table=True)
+    if results.num_rows:
+        top = results.filter(pc.greater_equal(results.column("count"), 20)).sort_by(
+            [("p99_duration_ms", "descending")]).slice(0, 5)
+        print("slowest operations (one-minute windows, before sampling):")
+        print(_table([(f"{r['service']} {r['name']}",
+                       f"p99 {r['p99_duration_ms']:8.1f} ms  p50 {r['p50_duration_ms']:7.1f} ms"
+                       f"  errors {r['error_rate']:6.1%}  n={r['count']}")
+                      for r in top.to_pylist()]))
     return 0 if ok and stats.events_processed == stats.events_received else 1
 
 

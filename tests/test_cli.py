@@ -106,6 +106,8 @@ def test_demo_runs_the_full_pipeline_on_embedded_defaults(tmp_path, capsys, monk
     # one in ten of the 1,000 workflow spans lacks its required workflow.pattern
     assert rows["validation errors"] == "100"
     assert list((tmp_path / "data").glob("demo-spans-*.arrow"))
+    # the stream processor saw every span before sampling and reports the slowest
+    assert "slowest operations" in out and " p99 " in out
 
 
 def test_registry_check_of_the_repo_registry(capsys):
