@@ -13,8 +13,8 @@ evictions counted:
 - ``CepPattern.absence(a, b, within)``: ``a`` not followed by ``b`` in time;
 - ``CepPattern.correlation(a, b, within)``: ``a`` and ``b`` close in time, on any keys;
 - ``CepPattern.regex("AB*C", {"A": m1, "B": m2, "C": m3}, within)``: a regular
-  expression over each key's recent symbols (Python ``re`` over a bounded
-  per-key history, evaluated per matching span; not vectorized).
+  expression over each key's symbols, compiled to a state machine and stepped
+  for all keys of a batch at once.
 
 A :class:`Matcher` tests name, service, kind, status, duration bounds and
 attributes (equality, ranges, regular expressions), once per distinct value.
@@ -51,6 +51,7 @@ from knhk.batch import SpanBatch, trace_id_low64
 from knhk.schema import Span
 from knhk.stream.alerts import Alert, check_severity
 from knhk.stream.keys import KeyEncoder
+from knhk.stream.regex_nfa import RegexNfa
 
 __all__ = ["CepAction", "CepPattern", "CepRule", "Matcher"]
 
@@ -275,9 +276,11 @@ class CepPattern:
         """A regular expression over each key's sequence of symbols.
 
         Every span gets the first symbol (a single character) whose matcher it
-        matches, or none; the rule fires when ``pattern`` matches the key's most
-        recent symbols, ending at the newest one, all within ``within`` s. At most
-        ``max_history`` symbols are kept per key.
+        matches, or none; the rule fires when ``pattern`` matches a run of the
+        key's symbols ending at the newest one, all within ``within`` s and at
+        most ``max_history`` symbols long. The pattern (symbols, ``.``, ``[...]``,
+        groups, ``|``, ``*``, ``+``, ``?``, ``{m,n}``) is compiled to a state
+        machine (:mod:`knhk.stream.regex_nfa`); each key keeps only its NFA state.
         """
         if not symbols:
             raise ValueError("regex pattern needs at least one symbol")
@@ -285,13 +288,15 @@ class CepPattern:
             if not isinstance(sym, str) or len(sym) != 1 or sym in "\\.^$*+?{}[]|()":
                 raise ValueError(f"a regex symbol must be one plain character, got {sym!r}")
             _check_matcher(m)
-        compiled = _compile(f"(?:{pattern})$", "regex pattern")
+        if not isinstance(pattern, str):
+            raise ValueError(f"a regex pattern must be a str, got {type(pattern).__name__}")
+        compiled = RegexNfa(pattern, "".join(symbols))
         if not isinstance(max_history, int) or max_history < 1:
             raise ValueError(f"max_history must be an int >= 1, got {max_history!r}")
         _check_by(by)
         pat = cls("regex", tuple(symbols.values()), _seconds_ns(within, "within"),
                   max_history, by)
-        object.__setattr__(pat, "_regex", (compiled, "".join(symbols)))
+        object.__setattr__(pat, "_regex", compiled)
         return pat
 
 
@@ -404,6 +409,7 @@ class _RuleState:
         self.evictions = 0
         self.matches = 0
         self.derived: list[Span] = []
+        self._nfa_state = _NfaStore()
 
     def _key(self, batch: SpanBatch) -> np.ndarray:
         by = self.rule.pattern.by
@@ -577,30 +583,33 @@ class _RuleState:
     def _regex(self, keys: np.ndarray, t: np.ndarray,
                masks: list[np.ndarray]) -> list[tuple[int, int, int]]:
         p = self.rule.pattern
-        rx, letters = p._regex
+        nfa: RegexNfa = p._regex
         sym = np.full(keys.size, -1, np.int64)
         for i in range(len(masks) - 1, -1, -1):  # the first matching symbol wins
             sym[masks[i]] = i
         rows = np.flatnonzero(sym >= 0)
+        if rows.size == 0:
+            return []
         rows = rows[np.lexsort((t[rows], keys[rows]))]
-        hist: dict[int, list[tuple[int, str]]] = getattr(self, "_hist", {})
+        ks, ts, ss = keys[rows], t[rows], sym[rows]
+        uniq, first, counts = np.unique(ks, return_index=True, return_counts=True)
+        # per-key state machine: the latest run start reaching each NFA state
+        store: _NfaStore = self._nfa_state
+        st_t, st_seq, base = store.load(uniq, nfa.num_states)
         fired = []
-        for r in rows.tolist():
-            k, when = int(keys[r]), int(t[r])
-            h = hist.setdefault(k, [])
-            h.append((when, letters[sym[r]]))
-            if len(h) > p.threshold:
-                del h[0]
-            while h and when - h[0][0] > p.within_ns:
-                del h[0]
-            if rx.search("".join(c for _, c in h)) is not None:
-                fired.append((k, when, len(h)))
-        if len(hist) > self.rule.max_state:
-            for k in sorted(hist, key=lambda k: hist[k][-1][0] if hist[k] else 0)[
-                    :len(hist) - self.rule.max_state]:
-                del hist[k]
-                self.evictions += 1
-        self._hist = hist
+        # the r-th symbol of every key in one vectorized step
+        for r in range(int(counts.max())):
+            sel = np.flatnonzero(counts > r)
+            at = first[sel] + r
+            seq = base[sel] + r
+            sub_t, sub_seq = st_t[sel], st_seq[sel]
+            hit = nfa.advance(sub_t, sub_seq, ss[at], ts[at], seq, p.within_ns, p.threshold)
+            st_t[sel], st_seq[sel] = sub_t, sub_seq
+            for j in np.flatnonzero(hit).tolist():
+                fired.append((int(uniq[sel[j]]), int(ts[at[j]]),
+                              int(seq[j] - sub_seq[j, nfa.accept] + 1)))
+        self.evictions += store.save(uniq, st_t, st_seq, base + counts,
+                                     ts[first + counts - 1], self.rule.max_state)
         return _first_per_key(fired)
 
     def _act(self, fired: list[tuple[int, int, int]]) -> list[Alert]:
@@ -627,6 +636,58 @@ class _RuleState:
                     attributes={"knhk.cep.rule": self.rule.name, "knhk.cep.key": str(label),
                                 "knhk.cep.count": int(count)}))
         return out
+
+
+class _NfaStore:
+    """Regex runs in progress, per key, as sorted arrays (no Python object per key).
+
+    Keys with no run in progress are not kept; their symbol numbering restarts.
+    """
+
+    _NEVER = np.iinfo(np.int64).min
+
+    def __init__(self) -> None:
+        self.keys = np.empty(0, np.int64)
+        self.st_t = np.empty((0, 0), np.int64)
+        self.st_seq = np.empty((0, 0), np.int64)
+        self.base = np.empty(0, np.int64)
+        self.last = np.empty(0, np.int64)
+
+    def __len__(self) -> int:
+        return self.keys.size
+
+    def load(self, uniq: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        st_t = np.full((uniq.size, n), self._NEVER, np.int64)
+        st_seq = np.zeros((uniq.size, n), np.int64)
+        base = np.zeros(uniq.size, np.int64)
+        if self.keys.size:
+            idx = np.minimum(np.searchsorted(self.keys, uniq), self.keys.size - 1)
+            found = self.keys[idx] == uniq
+            st_t[found] = self.st_t[idx[found]]
+            st_seq[found] = self.st_seq[idx[found]]
+            base[found] = self.base[idx[found]]
+        return st_t, st_seq, base
+
+    def save(self, uniq: np.ndarray, st_t: np.ndarray, st_seq: np.ndarray,
+             base: np.ndarray, last: np.ndarray, max_keys: int) -> int:
+        """Store the keys of this batch (sorted ``uniq``); return how many were evicted."""
+        old = ~np.isin(self.keys, uniq, assume_unique=True)
+        live = (st_t != self._NEVER).any(axis=1)
+        keys = np.concatenate([self.keys[old], uniq[live]])
+        order = np.argsort(keys, kind="stable")
+        st_t_all = np.concatenate([self.st_t[old].reshape(-1, st_t.shape[1]), st_t[live]])
+        st_seq_all = np.concatenate([self.st_seq[old].reshape(-1, st_t.shape[1]),
+                                     st_seq[live]])
+        last_all = np.concatenate([self.last[old], last[live]])
+        base_all = np.concatenate([self.base[old], base[live]])
+        evicted = 0
+        if keys.size > max_keys:  # the keys idle longest go first
+            evicted = keys.size - max_keys
+            keep = np.sort(np.argsort(last_all, kind="stable")[evicted:])
+            order = keep[np.argsort(keys[keep], kind="stable")]
+        self.keys, self.st_t, self.st_seq = keys[order], st_t_all[order], st_seq_all[order]
+        self.base, self.last = base_all[order], last_all[order]
+        return evicted
 
 
 def _first_per_key(fired: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
