@@ -252,7 +252,7 @@ def scenarios(quick: bool = False) -> list[Result]:
     stage = TraceIdRatio(0.1)
     k, k_all = median_rate(lambda: time_process(stage, batch), runs)
     results.append(Result(
-        f"TraceIdRatio(0.1) as a stage: mask + ot=th in trace_state + filter, {n:,} spans",
+        f"TraceIdRatio(0.1) as a stage: mask + knhk=p in trace_state + filter, {n:,} spans",
         "spans/s", k, None, None, None, None, runs, "", {"knhk_runs": k_all}))
 
     tn = 200_000 if quick else 1_000_000

@@ -8,9 +8,16 @@ below ``round(rate * 2**64)``. ``rule="consistent"`` uses the OpenTelemetry
 probability-sampling spec instead (keep when the low 56 bits ``R >= th``), which
 composes with thresholds that upstream samplers wrote into ``trace_state``.
 
-Kept spans carry their sampling probability as ``ot=th:<hex>`` in
-``trace_state`` (when it is below 1), so aggregates over sampled data can be
-re-weighted with :func:`adjusted_counts` / :func:`reweighted_sum`.
+Kept spans carry their sampling probability in ``trace_state`` (when it is
+below 1), so aggregates over sampled data can be re-weighted with
+:func:`adjusted_counts` / :func:`reweighted_sum`. A consistent decision, made
+on the spec's randomness ``R``, writes the spec's ``ot=th:<hex>``; a
+traceidratio decision is not one on ``R`` and must not claim a ``th`` (a later
+consistent stage would combine it as if it were), so it writes the
+knhk-specific ``knhk=p:<probability>``. Stages combine exactly with an
+upstream probability of their own kind; one of the other kind makes the
+probability unknown (both are erased), as the spec does for unknown
+probabilities.
 
 Samplers: :class:`AlwaysOn`, :class:`AlwaysOff`, :class:`TraceIdRatio`,
 :class:`ParentBased`, :class:`AdaptiveSamplingStrategy` (alias
@@ -26,6 +33,9 @@ Samplers: :class:`AlwaysOn`, :class:`AlwaysOff`, :class:`TraceIdRatio`,
 <SamplingDecision.DROP: 0>
 >>> TraceIdRatio(0.25).process(knhk.SpanBatch.from_spans(
 ...     [knhk.Span("op", trace_id=1, span_id=1)])).batch.column("trace_state").to_pylist()
+['knhk=p:0.25']
+>>> TraceIdRatio(0.25, rule="consistent").process(knhk.SpanBatch.from_spans(
+...     [knhk.Span("op", trace_id=2**64 - 1, span_id=1)])).batch.column("trace_state").to_pylist()
 ['ot=th:c']
 """
 
@@ -81,6 +91,7 @@ _TWO64 = 1 << 64
 _TWO56 = 1 << 56
 _RULES = {"traceidratio": 0, "consistent": 1}
 _TH_RE = re.compile(r"[0-9a-f]{1,14}")  # the spec's th: 1-14 lowercase hex digits
+_P_RE = re.compile(r"[0-9][0-9.e-]{0,31}")  # knhk=p: a decimal as Python's repr writes it
 
 # OTLP Span.flags: bits 0-7 are the W3C trace flags; bits 8 and 9 say whether
 # the parent is known to be remote and whether it is.
@@ -170,61 +181,87 @@ def parse_threshold(value: str) -> int | None:
     return int(value.ljust(14, "0"), 16)
 
 
-def _split_trace_state(ts: str | None) -> tuple[list[tuple[str, str]], list[str]]:
-    """The ``ot`` member's sub-keys and the other members of a W3C tracestate."""
-    ot: list[tuple[str, str]] = []
+def _split_trace_state(ts: str | None) -> tuple[list[tuple[str, str]], list[tuple[str, str]],
+                                                 list[str]]:
+    """The ``ot`` and ``knhk`` members' sub-keys and the other members of a tracestate."""
+    subs: dict[str, list[tuple[str, str]]] = {"ot": [], "knhk": []}
+    seen: set[str] = set()
     others: list[str] = []
-    seen_ot = False
     for member in (ts or "").split(","):
         member = member.strip()
         if not member:
             continue
         key, _, value = member.partition("=")
-        if key.strip() == "ot" and not seen_ot:
-            seen_ot = True
+        key = key.strip()
+        if key in subs and key not in seen:
+            seen.add(key)
             for sub in value.split(";"):
                 k, sep, v = sub.partition(":")
                 if sep and k:
-                    ot.append((k.strip(), v.strip()))
+                    subs[key].append((k.strip(), v.strip()))
         else:
             others.append(member)
-    return ot, others
+    return subs["ot"], subs["knhk"], others
 
 
-def _threshold_in(ts: str | None) -> int | None:
-    if not ts or "ot=" not in ts:
+def _parse_knhk_probability(value: str) -> float | None:
+    """The probability of a ``knhk=p:`` value, or None if it is not a number in (0, 1]."""
+    if not _P_RE.fullmatch(value):
         return None
-    ot, _ = _split_trace_state(ts)
-    for k, v in ot:
-        if k == "th":
-            return parse_threshold(v)
-    return None
+    try:
+        p = float(value)
+    except ValueError:
+        return None
+    return p if 0.0 < p <= 1.0 else None
+
+
+def _probability_in(ts: str | None) -> float | None:
+    """The keep probability a tracestate records (None: unknown)."""
+    if not ts or ("ot=" not in ts and "knhk=" not in ts):
+        return None
+    ot, kn, _ = _split_trace_state(ts)
+    th = next((parse_threshold(v) for k, v in ot if k == "th"), None)
+    p = next((_parse_knhk_probability(v) for k, v in kn if k == "p"), None)
+    if th is not None and p is not None:
+        return None  # both kinds at once: knhk never writes that, so it is ambiguous
+    if th is not None:
+        return threshold_to_probability(th)
+    return p
 
 
 def _with_probability(ts: str | None, p: float, rule: str) -> str | None:
     """``ts`` after a stage that kept the span with probability ``p`` (NaN: unknown).
 
-    p >= 1 leaves the state alone (any upstream ``th`` still holds). Unknown p
-    erases ``th``, as the spec requires. Under the consistent rule the new
-    threshold is the larger of the upstream one and ours (an equalizing
-    downstream stage); under the traceidratio rule an upstream threshold
-    cannot be combined with ours (their randomness differs), so it is erased.
+    Only a decision on the spec's randomness ``R`` (the consistent rule) writes
+    ``ot=th``; a traceidratio decision (low 64 bits below a bound) writes
+    ``knhk=p:<probability>`` instead. p >= 1 leaves the state alone (an
+    upstream probability still holds). Unknown p erases both, as the spec
+    requires for unknown probabilities. Otherwise the stage combines exactly
+    with an upstream probability of its own kind: consistent takes the larger
+    threshold (the spec's equalizing stage); traceidratio takes the smaller
+    probability, since both stages keep ``low64 < bound`` and the stricter
+    one's kept set is a subset of the other's. An upstream probability of the
+    other kind is not one value of either kind when combined, so both are
+    erased (probability unknown).
     """
     if p >= 1.0:
         return ts
-    ot, others = _split_trace_state(ts)
+    ot, kn, others = _split_trace_state(ts)
     th_in = next((parse_threshold(v) for k, v in ot if k == "th"), None)
-    rest = [(k, v) for k, v in ot if k != "th"]
-    th: int | None = None
-    if p > 0.0:  # NaN fails this test: unknown probability, no th
-        ours = probability_to_threshold(p)
-        if th_in is None:
-            th = ours
-        elif rule == "consistent":
-            th = max(th_in, ours)
-    subs = ([("th", encode_threshold(th))] if th is not None else []) + rest
-    members = ([f"ot={';'.join(f'{k}:{v}' for k, v in subs)}"] if subs else []) + others
-    return ",".join(members) or None
+    p_in = next((_parse_knhk_probability(v) for k, v in kn if k == "p"), None)
+    ot = [(k, v) for k, v in ot if k != "th"]
+    kn = [(k, v) for k, v in kn if k != "p"]
+    if p > 0.0:  # NaN fails this test: unknown probability, nothing written
+        if rule == "consistent" and p_in is None:
+            ours = probability_to_threshold(p)
+            th = ours if th_in is None else max(th_in, ours)
+            ot.insert(0, ("th", encode_threshold(th)))
+        elif rule != "consistent" and th_in is None:
+            q = p if p_in is None else min(p_in, p)
+            kn.insert(0, ("p", repr(float(q))))
+    members = [f"{name}={';'.join(f'{k}:{v}' for k, v in subs)}"
+               for name, subs in (("ot", ot), ("knhk", kn)) if subs]
+    return ",".join(members + others) or None
 
 
 def _annotate(rb: pa.RecordBatch, codes: np.ndarray | None, probs: Sequence[float],
@@ -271,13 +308,18 @@ def _annotate(rb: pa.RecordBatch, codes: np.ndarray | None, probs: Sequence[floa
 
 
 def sampling_probability(batch: SpanBatch | pa.RecordBatch) -> np.ndarray:
-    """The probability each span was kept with, read from ``ot=th`` (NaN if absent).
+    """The probability each span was kept with (NaN where unknown).
+
+    Read from the spec's ``ot=th`` or knhk's ``knhk=p`` in ``trace_state``; a
+    state with neither, or with both, has no known probability.
 
     >>> import knhk
     >>> b = knhk.SpanBatch.from_spans([knhk.Span("a", trace_id=1, span_id=1,
-    ...                                          trace_state="ot=th:c")])
+    ...                                          trace_state="ot=th:c"),
+    ...                                knhk.Span("b", trace_id=2, span_id=2,
+    ...                                          trace_state="knhk=p:0.125")])
     >>> sampling_probability(b).tolist()
-    [0.25]
+    [0.25, 0.125]
     """
     rb = batch.record_batch if isinstance(batch, SpanBatch) else batch
     col = rb.column("trace_state")
@@ -287,7 +329,7 @@ def sampling_probability(batch: SpanBatch | pa.RecordBatch) -> np.ndarray:
     if not isinstance(col, pa.DictionaryArray):
         col = col.dictionary_encode()
     per_value = np.array(
-        [np.nan if (t := _threshold_in(s)) is None else threshold_to_probability(t)
+        [np.nan if (p := _probability_in(s)) is None else p
          for s in col.dictionary.to_pylist()] + [np.nan], dtype=np.float64)
     idx = col.indices.to_numpy(zero_copy_only=False)
     if col.null_count:
@@ -298,8 +340,9 @@ def sampling_probability(batch: SpanBatch | pa.RecordBatch) -> np.ndarray:
 def adjusted_counts(batch: SpanBatch | pa.RecordBatch, *, missing: float = 1.0) -> np.ndarray:
     """How many original spans each sampled span stands for: ``1 / probability``.
 
-    Spans without a ``th`` (kept with certainty, or by a non-probabilistic
-    rule) count ``missing`` (1.0 by default; NaN to flag them).
+    Spans without a known probability (kept with certainty, by a
+    non-probabilistic rule, or by stages whose probabilities do not combine)
+    count ``missing`` (1.0 by default; NaN to flag them).
 
     >>> import knhk
     >>> b = knhk.SpanBatch.from_spans([knhk.Span("a", trace_id=1, span_id=1,
@@ -508,7 +551,9 @@ class TraceIdRatio(Sampler):
         ``consistent`` keeps a trace when the low 56 bits of its id are at least
         the spec's rejection threshold, and composes with upstream ``th``.
     record_probability : bool
-        Write ``ot=th:`` into ``trace_state`` of kept spans (in ``process``).
+        Record the probability in ``trace_state`` of kept spans (in
+        ``process``): ``ot=th:`` under the consistent rule, ``knhk=p:`` under
+        the traceidratio rule.
 
     Examples
     --------

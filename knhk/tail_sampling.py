@@ -9,7 +9,9 @@ the OpenTelemetry Collector's ``tail_sampling`` processor (``latency``,
 ``always_sample``), and combine as there: a ``drop`` decision wins, then an
 inverted not-sample, then any sample. Kept spans record the deciding policy
 (attribute ``tailsampling.policy``, and ``tailsampling.composite_policy``) and
-their sampling probability (``ot=th:`` in ``trace_state``) where it is known.
+their sampling probability in ``trace_state`` where it is known (``ot=th:``
+for the consistent rule, ``knhk=p:`` for the traceidratio rule, combined with
+an upstream probability as :mod:`knhk.sampling` describes).
 
 Memory is bounded: at most ``num_traces`` traces are pending; when full, the
 oldest is decided early (or dropped, ``on_full="drop"``) and counted. Spans
@@ -471,7 +473,9 @@ class TailSamplingConfig:
     drop_pending_traces_on_shutdown : bool
         ``flush`` drops pending traces instead of deciding on partial data.
     record_policy, record_probability : bool
-        Write ``tailsampling.policy`` / ``ot=th:`` onto kept spans.
+        Write ``tailsampling.policy`` / the sampling probability onto kept
+        spans (``ot=th:`` under the consistent rule, ``knhk=p:`` under the
+        traceidratio rule; see :mod:`knhk.sampling`).
     rule : {"traceidratio", "consistent"}
         The trace-id rule of ``probabilistic`` policies (see :mod:`knhk.sampling`).
     tick_interval : seconds or None
@@ -737,6 +741,9 @@ class _Engine:
         self.first_match = cfg.sample_on_first_match
         self.leaves: list[_Node] = []
         self.nodes = [_Node(p, self) for p in cfg.policies]
+        # Policies without a stateful part anywhere can be evaluated again
+        # without side effects (no tokens spent), to learn a probability.
+        self.pure = [not any(x.stateful for x in _walk_nodes(p)) for p in self.nodes]
         # Every probability a kept trace can have (besides unknown), sorted.
         found = {1.0} | {x.prob for p in self.nodes for x in _walk_nodes(p)
                          if not math.isnan(x.prob)}
@@ -802,9 +809,37 @@ class _Engine:
         certain_inv = np.zeros(n, dtype=bool)   # the same, by an inverted match
         pmax = np.zeros(n, dtype=np.float64)    # best probability of a random policy
         unknown = np.zeros(n, dtype=bool)       # a stateful or random veto was in play
+        # A drop that vetoes at random makes even a certain keep uncertain: the
+        # trace was kept only because the veto happened not to hit it.
+        vetoed = np.zeros(n, dtype=bool)
+        # With sample_on_first_match, traces a policy that is not certain
+        # sampled stop there, but had it not sampled them they would have gone
+        # on to the later policies: those that would keep them anyway make the
+        # keep probability higher (1 for a certain one). `shadow` follows such
+        # traces through the later policies for their probability only; the
+        # decision is not changed.
+        shadow = np.zeros(n, dtype=bool)
         for i, node in enumerate(self.nodes):
-            if not active.any():
+            if not active.any() and not shadow.any():
                 break
+            if shadow.any():
+                if self.pure[i]:
+                    ds = node.evaluate(tr, shadow, now)
+                    if node.prob == 1.0:
+                        certain |= ds == _SAMPLED
+                    elif not math.isnan(node.prob):
+                        hit_s = (ds == _SAMPLED) | (ds == _INV_SAMPLED)
+                        pmax = np.where(hit_s, np.maximum(pmax, node.prob), pmax)
+                    if node.uncertain_veto:
+                        vetoed |= shadow
+                    # Past a drop (or an inverted not-sample) those traces would
+                    # not have been kept by a later policy.
+                    shadow &= (ds != _DROPPED) & (ds != _INV_NOT_SAMPLED)
+                else:
+                    # A stateful policy would have decided them at random.
+                    unknown |= shadow
+            if not active.any():
+                continue
             d = node.evaluate(tr, active, now)
             for code, arr in first.items():
                 sel = (d == code) & (arr < 0)
@@ -817,10 +852,14 @@ class _Engine:
                 pmax = np.where(hit, np.maximum(pmax, node.prob), pmax)
             if node.stateful or node.uncertain_veto:
                 unknown |= active
+            if node.uncertain_veto:
+                vetoed |= active
             if node.type == "composite":
                 sub = np.where(hit & (sub < 0) & (first[_SAMPLED] == i), node.chosen, sub)
             active &= d != _DROPPED
             if self.first_match:
+                if node.prob != 1.0:
+                    shadow |= active & (d == _SAMPLED)
                 active &= d != _SAMPLED
         dropped = first[_DROPPED] >= 0
         inv_not = ~dropped & (first[_INV_NOT_SAMPLED] >= 0)
@@ -835,7 +874,8 @@ class _Engine:
         # An inverted match keeps a trace only while no policy says not sampled,
         # which a stateful policy decides at random.
         certain |= certain_inv & (first[_NOT_SAMPLED] < 0) & ~unknown
-        prob = np.where(certain, 1.0, np.where(unknown | (pmax == 0), np.nan, pmax))
+        prob = np.where(certain & ~vetoed, 1.0,
+                        np.where(unknown | vetoed | (pmax == 0), np.nan, pmax))
         return _Outcome(keep, policy, sub, np.where(keep, prob, np.nan))
 
 

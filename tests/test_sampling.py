@@ -250,18 +250,58 @@ def test_invalid_th_values_are_not_thresholds(bad):
 
 
 @pytest.mark.parametrize(("ts", "p", "rule", "out"), [
-    (None, 0.25, "traceidratio", "ot=th:c"),
-    ("vendor=x", 0.25, "traceidratio", "ot=th:c,vendor=x"),
-    ("v=1,ot=rv:abcdef01234567", 0.5, "traceidratio", "ot=th:8;rv:abcdef01234567,v=1"),
+    # A traceidratio decision is not made on R: knhk=p, never th.
+    (None, 0.25, "traceidratio", "knhk=p:0.25"),
+    ("vendor=x", 0.25, "traceidratio", "knhk=p:0.25,vendor=x"),
+    ("v=1,ot=rv:abcdef01234567", 0.5, "traceidratio", "ot=rv:abcdef01234567,knhk=p:0.5,v=1"),
+    # Two traceidratio stages: nested kept sets, the smaller probability.
+    ("knhk=p:0.5,v=1", 0.25, "traceidratio", "knhk=p:0.25,v=1"),
+    ("knhk=p:0.125", 0.25, "traceidratio", "knhk=p:0.125"),
+    ("knhk=p:0.5;x:1", float("nan"), "traceidratio", "knhk=x:1"),  # unknown: erased
+    # The consistent rule: the spec's th, the larger threshold wins.
+    (None, 0.25, "consistent", "ot=th:c"),
     ("ot=th:8;rv:abcdef01234567,v=1", 0.25, "consistent", "ot=th:c;rv:abcdef01234567,v=1"),
     ("ot=th:e,v=1", 0.25, "consistent", "ot=th:e,v=1"),       # upstream stricter: kept
+    # The other kind upstream: no exact combination, so unknown (both erased).
     ("ot=th:8;rv:abcdef01234567,v=1", 0.25, "traceidratio", "ot=rv:abcdef01234567,v=1"),
-    ("ot=th:8,v=1", 1.0, "traceidratio", "ot=th:8,v=1"),      # certain: unchanged
+    ("knhk=p:0.5,v=1", 0.25, "consistent", "v=1"),
+    ("knhk=p:0.5,v=1", 0.5, "consistent", "v=1"),
+    # Certain: unchanged, whatever the upstream kind.
+    ("ot=th:8,v=1", 1.0, "traceidratio", "ot=th:8,v=1"),
+    ("knhk=p:0.5", 1.0, "consistent", "knhk=p:0.5"),
     ("ot=th:8", float("nan"), "traceidratio", None),           # unknown: erased
     (None, 1.0, "consistent", None),
 ])
 def test_trace_state_update_rules(ts, p, rule, out):
     assert _with_probability(ts, p, rule) == out
+
+
+@pytest.mark.parametrize(("ts", "want"), [
+    ("knhk=p:0.25", 0.25),
+    ("v=1,knhk=p:5e-05;x:y", 5e-05),
+    ("ot=th:c", 0.25),
+    ("ot=th:c,knhk=p:0.25", math.nan),   # both kinds: knhk never writes that
+    ("knhk=p:0", math.nan),
+    ("knhk=p:1.5", math.nan),
+    ("knhk=p:-0.5", math.nan),
+    ("knhk=p:nan", math.nan),
+    ("knhk=p:0x1", math.nan),
+    ("knhk=q:0.5", math.nan),
+    (None, math.nan),
+])
+def test_recorded_probabilities_are_read_from_either_kind(ts, want):
+    b = knhk.SpanBatch.from_spans([knhk.Span("a", trace_id=1, span_id=1, trace_state=ts)])
+    got = sampling_probability(b)[0]
+    assert (math.isnan(got) and math.isnan(want)) or got == want
+
+
+def test_traceidratio_stage_never_writes_th():
+    # A th claims a decision on R; the default rule decides on the low 64 bits.
+    batch = make_batch(random_ids(2000, seed=13), trace_state=["ot=rv:abcdef01234567"] * 2000)
+    r = TraceIdRatio(0.3).process(batch)
+    states = set(r.batch.filter(r.mask).column("trace_state").to_pylist())
+    assert states == {"ot=rv:abcdef01234567,knhk=p:" + repr(round(0.3 * 2**64) / 2**64)}
+    assert np.allclose(sampling_probability(r.batch.filter(r.mask)), 0.3)
 
 
 def test_process_writes_th_on_kept_rows_and_keeps_other_state():
@@ -272,7 +312,7 @@ def test_process_writes_th_on_kept_rows_and_keeps_other_state():
     kept = result.batch.filter(result.mask)
     assert 300 < kept.num_rows < 700
     got = kept.column("trace_state").to_pylist()
-    want = [("ot=th:c,vendor=a" if s else "ot=th:c")
+    want = [("knhk=p:0.25,vendor=a" if s else "knhk=p:0.25")
             for s, m in zip(states, result.mask, strict=True) if m]
     assert got == want
     assert kept.schema.equals(knhk.SPAN_SCHEMA)
@@ -546,7 +586,7 @@ def test_head_samplers_work_as_pipeline_stages(pipeline_factory):
     p.record_batch(make_batch(ids))
     assert p.shutdown()
     assert sink.spans().num_rows == int(TraceIdRatio(0.5).sample_mask(make_batch(ids)).sum())
-    assert set(sink.spans().column("trace_state").to_pylist()) == {"ot=th:8"}
+    assert set(sink.spans().column("trace_state").to_pylist()) == {"knhk=p:0.5"}
 
 
 def test_descriptions_name_the_configuration():

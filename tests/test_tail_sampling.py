@@ -15,6 +15,8 @@ import time
 from collections import defaultdict
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -22,8 +24,9 @@ from hypothesis import strategies as st
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 
 import knhk
-from knhk.sampling import adjusted_counts, sampling_probability
+from knhk.sampling import TraceIdRatio, adjusted_counts, reweighted_sum, sampling_probability
 from knhk.tail_sampling import Policy, TailSampler, TailSamplingConfig
+from knhk.workload import WorkloadConfig, generate
 
 S, NS, IS, INS, D = "S", "NS", "IS", "INS", "D"
 
@@ -466,7 +469,7 @@ def test_kept_spans_carry_policy_and_probability():
         if t % 7 == 0:
             assert name == "err" and math.isnan(pr) and state == "v=1"
         else:
-            assert name == "p25" and pr == 0.25 and state == "ot=th:c,v=1"
+            assert name == "p25" and pr == 0.25 and state == "knhk=p:0.25,v=1"
     sdk = TraceIdRatioBased(0.25)
     want = {t for t in trace_ids
             if t % 7 == 0 or sdk.should_sample(None, t, "x").decision.is_sampled()}
@@ -799,3 +802,155 @@ def test_inverted_decisions_combine_as_in_the_collector():
     live = sampler([no_debug])
     live.process(plain)
     assert live.flush().attribute("tailsampling.policy").to_pylist() == ["no-debug"]
+
+
+# -- probabilities through two stages (head then tail) -------------------------------
+
+N_TWO_STAGE = 60_000
+
+
+@pytest.fixture(scope="module")
+def small_traces() -> knhk.SpanBatch:
+    # Small traces keep the Horvitz-Thompson error of a trace-level sample low.
+    return generate(N_TWO_STAGE, WorkloadConfig(seed=11, max_depth=2, max_fan_out=2))
+
+
+def _ht_sigma(full: knhk.SpanBatch, p: float) -> float:
+    """Standard error of the re-weighted span count when whole traces are kept at p."""
+    sizes = pc.value_counts(full.column("trace_id")).field("counts").to_numpy()
+    return float(np.sqrt((sizes.astype(np.float64) ** 2 * (1 - p) / p).sum()))
+
+
+def _two_stages(full, head: TraceIdRatio, tail_pct: float, rule: str) -> knhk.SpanBatch:
+    r = head.process(full)
+    t = TailSampler(TailSamplingConfig([Policy.probabilistic("p", tail_pct)], rule=rule))
+    t.process(r.batch.filter(r.mask))
+    return t.flush()
+
+
+def _low64(b: knhk.SpanBatch) -> list[int]:
+    return [int.from_bytes(x[8:], "big") for x in b.column("trace_id").to_pylist()]
+
+
+def test_head_traceidratio_then_tail_consistent_has_unknown_probability(small_traces):
+    # The issue's reproducer: the head decided on the low 64 bits, not on R, so
+    # its probability cannot be combined with the tail's threshold.
+    out = _two_stages(small_traces, TraceIdRatio(0.5), 50, "consistent")
+    assert 0 < out.num_rows < N_TWO_STAGE
+    assert np.isnan(sampling_probability(out)).all()
+    assert not any("th:" in (s or "") for s in out.column("trace_state").to_pylist())
+    assert math.isnan(reweighted_sum(out, missing=math.nan))
+
+
+def test_head_consistent_then_tail_consistent_reweights_to_the_true_count(small_traces):
+    head = TraceIdRatio(0.5, rule="consistent")
+    out = _two_stages(small_traces, head, 25, "consistent")
+    # Nested thresholds: what the tail keeps is what 25 % alone keeps.
+    want = TraceIdRatio(0.25, rule="consistent").sample_mask(small_traces)
+    assert out.num_rows == int(want.sum())
+    assert set(out.column("trace_state").to_pylist()) == {"ot=th:c"}
+    est = reweighted_sum(out, missing=math.nan)
+    sigma = _ht_sigma(small_traces, 0.25)
+    assert sigma < 0.03 * N_TWO_STAGE
+    assert abs(est - N_TWO_STAGE) < 4 * sigma
+
+
+def test_head_traceidratio_then_tail_traceidratio_reweights_to_the_true_count(small_traces):
+    out = _two_stages(small_traces, TraceIdRatio(0.5), 25, "traceidratio")
+    # Both keep low64 < round(rate * 2**64): the stricter set, as the SDK decides it.
+    sdk = TraceIdRatioBased(0.25)
+    assert all(sdk.should_sample(None, t, "x").decision.is_sampled() for t in _low64(out))
+    assert set(out.column("trace_state").to_pylist()) == {"knhk=p:0.25"}
+    est = reweighted_sum(out, missing=math.nan)
+    assert abs(est - N_TWO_STAGE) < 4 * _ht_sigma(small_traces, 0.25)
+    # The looser tail after a strict head: the head's probability stays.
+    out = _two_stages(small_traces, TraceIdRatio(0.25), 50, "traceidratio")
+    assert set(out.column("trace_state").to_pylist()) == {"knhk=p:0.25"}
+
+
+def test_head_consistent_then_tail_traceidratio_has_unknown_probability(small_traces):
+    out = _two_stages(small_traces, TraceIdRatio(0.5, rule="consistent"), 50, "traceidratio")
+    assert out.num_rows > 0
+    assert np.isnan(sampling_probability(out)).all()
+
+
+# -- sample_on_first_match and certain policies after a probabilistic one -------------
+
+
+@pytest.mark.parametrize("first_match", [False, True])
+def test_a_later_certain_policy_makes_the_probability_one(first_match):
+    full = generate(20_000, WorkloadConfig(seed=3, error_rate=1.0))
+    t = TailSampler(TailSamplingConfig(
+        [Policy.probabilistic("p", 10), Policy.status_code("err", ["ERROR"])],
+        sample_on_first_match=first_match))
+    t.process(full)
+    out = t.flush()
+    # Every trace has an error: all are kept, each with certainty (a probability
+    # of one writes nothing, so none is recorded and each span counts once).
+    assert out.num_rows == full.num_rows
+    assert np.isnan(sampling_probability(out)).all()
+    assert reweighted_sum(out) == full.num_rows
+    # The decision itself is unchanged: traces the probabilistic policy samples
+    # are still attributed to it.
+    pol = np.array(out.attribute("tailsampling.policy").to_pylist())
+    sdk = TraceIdRatioBased(0.1)
+    by_p = np.array([sdk.should_sample(None, t, "x").decision.is_sampled()
+                     for t in _low64(out)])
+    assert by_p.any() and (~by_p).any()
+    assert (pol[by_p] == "p").all() and (pol[~by_p] == "err").all()
+
+
+def test_first_match_reweights_a_mix_of_error_and_plain_traces():
+    t = TailSampler(TailSamplingConfig(
+        [Policy.probabilistic("p", 10), Policy.status_code("err", ["ERROR"])],
+        sample_on_first_match=True))
+    full = generate(20_000, WorkloadConfig(seed=5, error_rate=0.02, max_depth=2,
+                                           max_fan_out=2))
+    t.process(full)
+    out = t.flush()
+    p = sampling_probability(out)
+    err_traces = set(full.filter(pc.equal(full.column("status_code"), 2))
+                     .column("trace_id").to_pylist())
+    is_err = np.array([x in err_traces for x in out.column("trace_id").to_pylist()])
+    assert is_err.any() and (~is_err).any()
+    # Error traces: probability one (nothing recorded, so each counts once);
+    # the others: the probabilistic policy's 10 %.
+    assert np.isnan(p[is_err]).all()
+    assert (p[~is_err] == 0.1).all()
+    # Within 4 standard errors (bounded as if every trace were kept at 10 %).
+    assert abs(reweighted_sum(out) - full.num_rows) < 4 * _ht_sigma(full, 0.1)
+
+
+def test_first_match_stops_shadowing_at_a_drop():
+    # A drop between them: a trace the probabilistic policy did not sample is
+    # dropped before the certain policy sees it, so the probability stays 10 %.
+    t = TailSampler(TailSamplingConfig(
+        [Policy.probabilistic("p", 10),
+         Policy.drop("d", [Policy.status_code("e1", ["ERROR"])]),
+         Policy.status_code("err", ["ERROR"])],
+        sample_on_first_match=True))
+    full = generate(20_000, WorkloadConfig(seed=3, error_rate=1.0))
+    t.process(full)
+    out = t.flush()
+    assert 0 < out.num_rows < full.num_rows
+    assert (sampling_probability(out) == 0.1).all()
+
+
+def test_a_random_veto_makes_a_certain_keep_uncertain():
+    # Kept only where the random drop did not hit: not a probability of one,
+    # so an upstream probability must not survive as if it still held.
+    full = generate(5_000, WorkloadConfig(seed=3, error_rate=1.0))
+    state = pa.array(["knhk=p:0.5"] * full.num_rows, pa.string()).dictionary_encode()
+    rb = full.record_batch
+    i = rb.schema.get_field_index("trace_state")
+    cols = list(rb.columns)
+    cols[i] = pa.DictionaryArray.from_arrays(state.indices.cast(pa.int32()), state.dictionary)
+    full = knhk.SpanBatch(pa.RecordBatch.from_arrays(cols, schema=rb.schema))
+    t = TailSampler(TailSamplingConfig(
+        [Policy.drop("d", [Policy.probabilistic("p", 50)]),
+         Policy.status_code("err", ["ERROR"])]))
+    t.process(full)
+    out = t.flush()
+    assert 0 < out.num_rows < full.num_rows
+    assert np.isnan(sampling_probability(out)).all()
+    assert set(out.column("trace_state").to_pylist()) == {None}
