@@ -160,6 +160,7 @@ class MetricBuffer:
         self._lock = threading.Lock()
         self._closed = False
         self.received = 0
+        self.refused = 0
         self.dropped: dict[str, int] = {}
 
     def count_dropped(self, reason: str, n: int = 1) -> None:
@@ -186,10 +187,18 @@ class MetricBuffer:
                 self._seal_locked()
         return True
 
-    def offer_batch(self, rb: pa.RecordBatch) -> int:
-        """Queue an already-built batch in ``METRIC_SCHEMA``; return the points taken."""
+    def offer_batch(self, rb: pa.RecordBatch, *, refuse: bool = False) -> int:
+        """Queue an already-built batch in ``METRIC_SCHEMA``; return the points taken.
+
+        With ``refuse``, a batch that cannot be taken (closed, no room) is counted as
+        ``refused`` — its sender keeps and retries it — rather than received and dropped.
+        """
         n = rb.num_rows
         with self._lock:
+            if refuse and (self._closed or
+                           self._ready_rows + len(self._rows) + n > self.capacity):
+                self.refused += n
+                return 0
             self.received += n
             if self._closed:
                 self.dropped["shutdown"] = self.dropped.get("shutdown", 0) + n

@@ -109,6 +109,7 @@ class PipelineStats:
     queue_occupancy: float
     queued_events: int
     metrics_received: int
+    metrics_refused: int
     stage_errors: int
     counters: dict[str, int]
     exporters: dict[str, dict[str, Any]]
@@ -470,6 +471,20 @@ class TelemetryPipeline:
             batch = MetricBatch(batch)
         return self._metrics.offer_batch(batch.record_batch)
 
+    def try_record_metric_batch(self, batch: MetricBatch | Any) -> int | None:
+        """Record a whole batch of metric points or none (for senders that retry).
+
+        Returns the points taken, or None when the pipeline is full or shut down:
+        then nothing was taken and the points count as ``metrics_refused``.
+        """
+        if not isinstance(batch, MetricBatch):
+            batch = MetricBatch(batch)
+        n = batch.num_rows
+        if n == 0:
+            return 0
+        taken = self._metrics.offer_batch(batch.record_batch, refuse=True)
+        return taken if taken else None
+
     # -- the worker ----------------------------------------------------------------
 
     def _run(self) -> None:
@@ -759,6 +774,7 @@ class TelemetryPipeline:
             queue_occupancy=float(ring.occupancy),
             queued_events=int(ring.queued + ring.open_rows),
             metrics_received=self._metrics.received,
+            metrics_refused=self._metrics.refused,
             stage_errors=stage_errors,
             counters=counters,
             exporters={w.name: asdict(w.stats) for w in self._workers},

@@ -580,3 +580,25 @@ def test_ring_offer_all_takes_every_chunk_or_none():
     while (item := ring.pop()) is not None:
         popped.extend(item[0].column("span_id").to_pylist())
     assert popped == [*rb.column("span_id").to_pylist(), rb.column("span_id")[0].as_py()]
+
+
+def test_try_record_metric_batch_refuses_whole_batches(pipeline_factory):
+    from knhk.metrics import MetricBuffer
+
+    buffer = MetricBuffer(batch_size=10, capacity=10, service="svc")
+    for i in range(3):
+        buffer.append(knhk.MetricPoint("hits", i, kind=knhk.MetricKind.COUNTER, time_ns=i + 1))
+    buffer.seal()
+    batch = knhk.MetricBatch(buffer.drain(0.0)[0])
+    sink = knhk.InMemoryExporter()
+    p = pipeline_factory(lambda b: b.with_batch_size(2).with_channel_capacity(4)
+                         .with_exporter(sink))
+    assert p.try_record_metric_batch(batch) == 3
+    assert p.try_record_metric_batch(batch) is None      # 3 more do not fit in 4
+    assert p.force_flush(5)
+    p.shutdown()
+    assert p.try_record_metric_batch(batch) is None      # shut down
+    stats = p.stats()
+    assert stats.metrics_received == 3 and stats.metrics_refused == 6
+    assert not any(k.startswith("metrics_") for k in stats.dropped_by_reason)
+    assert sum(b.num_rows for b in sink.metric_batches()) == 3

@@ -1,17 +1,21 @@
-"""OTLP exporter: span batches to an OpenTelemetry Collector or backend over gRPC or HTTP.
+"""OTLP exporter: span and metric batches to an OpenTelemetry Collector over gRPC or HTTP.
 
-Each batch is encoded once by knhk's codec (``knhk.otlp``) and put on a
+Each batch is encoded once by knhk's codec (``knhk.otlp``; metric batches by
+:mod:`knhk.otlp.metrics`) and put on a
 bounded sending queue served by several consumer threads; each consumer
 sends, retrying exactly what the OTLP specification calls retryable
 (:mod:`knhk.exporters._retry`). What is finally given up on is counted in
 ``export_errors`` and, by reason, in ``errors_by_reason``. Spans a server
 rejects in a partial success are counted in ``spans_rejected`` and never
-retried.
+retried; metric points likewise in ``metric_points_exported`` /
+``metric_points_rejected`` / ``metric_points_failed``. Metrics go to
+``MetricsService/Export`` over gRPC and to ``/v1/metrics`` over HTTP.
 
 Configuration follows the OpenTelemetry specification's environment
 variables when an argument is left out: ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``,
 ``…_HEADERS``, ``…_COMPRESSION``, ``…_TIMEOUT`` (milliseconds), ``…_PROTOCOL``,
-``…_INSECURE``.
+``…_INSECURE``; for metrics, ``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`` (else
+the general endpoint plus ``/v1/metrics``).
 
 Example
 -------
@@ -39,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from knhk import _attributes
-from knhk.batch import SpanBatch
+from knhk.batch import MetricBatch, SpanBatch
 from knhk.exporters._retry import (
     GRPC_RETRYABLE,
     HTTP_RETRYABLE,
@@ -51,6 +55,7 @@ from knhk.exporters._retry import (
 from knhk.exporters.base import Exporter, ExportResult
 from knhk.otlp import encode_traces
 from knhk.otlp.json import encode_traces_json
+from knhk.otlp.metrics import encode_metrics, encode_metrics_json
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +63,7 @@ __all__ = ["OtlpConfig", "OtlpExporter", "RetryConfig"]
 
 _PROTOCOLS = ("grpc", "http/protobuf", "http/json")
 _GRPC_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+_GRPC_METRICS_METHOD = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,10 @@ class OtlpConfig:
         Batches waiting to be sent before new ones are refused (and counted).
     consumers : int
         Threads sending concurrently.
+    metrics_endpoint : str, optional
+        Where metric batches go: gRPC ``host:port`` (default: ``endpoint``);
+        HTTP the full URL of ``/v1/metrics`` (default: ``endpoint`` with
+        ``/v1/traces`` replaced by ``/v1/metrics``).
     """
 
     endpoint: str | None = None
@@ -103,6 +113,7 @@ class OtlpConfig:
     retry: RetryConfig = field(default_factory=RetryConfig)
     queue_size: int = 1000
     consumers: int = 4
+    metrics_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         if self.protocol is not None and self.protocol not in _PROTOCOLS:
@@ -152,6 +163,24 @@ class OtlpConfig:
             else:
                 endpoint = ("localhost:4317" if protocol == "grpc"
                             else "http://localhost:4318/v1/traces")
+        metrics_endpoint = self.metrics_endpoint
+        if metrics_endpoint is None:
+            specific = env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "").strip()
+            general = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+            if specific:
+                metrics_endpoint = specific
+            elif protocol == "grpc":
+                metrics_endpoint = (endpoint if self.endpoint is not None
+                                    else general or "localhost:4317")
+            elif general and self.endpoint is None:
+                metrics_endpoint = general.rstrip("/") + "/v1/metrics"
+            elif self.endpoint is None:
+                # only the traces endpoint was configured: metrics keep the spec's default
+                metrics_endpoint = "http://localhost:4318/v1/metrics"
+            elif endpoint.rstrip("/").endswith("/v1/traces"):
+                metrics_endpoint = endpoint.rstrip("/")[:-len("/v1/traces")] + "/v1/metrics"
+            else:
+                metrics_endpoint = endpoint
         headers = self.headers
         if headers is None:
             headers = {}
@@ -180,7 +209,8 @@ class OtlpConfig:
         if insecure is None:
             raw = get("INSECURE")
             insecure = raw is not None and raw.lower() == "true"
-        return replace(self, endpoint=endpoint, protocol=protocol, headers=headers,
+        return replace(self, endpoint=endpoint, metrics_endpoint=metrics_endpoint,
+                       protocol=protocol, headers=headers,
                        compression=None if compression == "none" else compression,
                        timeout=timeout, insecure=insecure)
 
@@ -209,7 +239,7 @@ class _Outcome:
 
 
 class OtlpExporter(Exporter):
-    """Send span batches over OTLP (gRPC or HTTP/protobuf) with spec-correct retries.
+    """Send span and metric batches over OTLP (gRPC or HTTP) with spec-correct retries.
 
     Parameters
     ----------
@@ -231,6 +261,9 @@ class OtlpExporter(Exporter):
         self.spans_rejected = 0
         self.export_errors = 0
         self.spans_failed = 0
+        self.metric_points_exported = 0
+        self.metric_points_rejected = 0
+        self.metric_points_failed = 0
         self.errors_by_reason: Counter[str] = Counter()
         self._setup_transport()
         self._threads = [threading.Thread(target=self._consume, name=f"knhk-otlp-{i}",
@@ -251,37 +284,53 @@ class OtlpExporter(Exporter):
             if parsed.scheme in ("http", "https"):
                 secure = parsed.scheme == "https"
             self.target = parsed.netloc or endpoint
-            if secure:
-                roots = None
-                if c.certificate_file:
-                    with open(c.certificate_file, "rb") as f:
-                        roots = f.read()
-                self._channel = grpc.secure_channel(self.target,
-                                                    grpc.ssl_channel_credentials(roots))
-            else:
-                self._channel = grpc.insecure_channel(self.target)
+            roots = None
+            if secure and c.certificate_file:
+                with open(c.certificate_file, "rb") as f:
+                    roots = f.read()
+
+            def channel(target: str, secure: bool) -> Any:
+                if secure:
+                    return grpc.secure_channel(target, grpc.ssl_channel_credentials(roots))
+                return grpc.insecure_channel(target)
+
+            self._channel = channel(self.target, secure)
             self._call = self._channel.unary_unary(_GRPC_METHOD)
+            self._channels = [self._channel]
+            m_parsed = urllib.parse.urlparse(c.metrics_endpoint if "://" in c.metrics_endpoint
+                                             else "//" + c.metrics_endpoint)
+            m_secure = (m_parsed.scheme == "https" if m_parsed.scheme in ("http", "https")
+                        else not c.insecure)
+            self.metrics_target = m_parsed.netloc or c.metrics_endpoint
+            m_channel = self._channel
+            if (self.metrics_target, m_secure) != (self.target, secure):
+                m_channel = channel(self.metrics_target, m_secure)
+                self._channels.append(m_channel)
+            self._metrics_call = m_channel.unary_unary(_GRPC_METRICS_METHOD)
             self._grpc = grpc
         else:
             if "://" not in endpoint:
                 endpoint = "http://" + endpoint
             self.target = endpoint
+            m = c.metrics_endpoint
+            self.metrics_target = m if "://" in m else "http://" + m
             self._ssl = None
             if c.certificate_file:
                 import ssl
 
                 self._ssl = ssl.create_default_context(cafile=c.certificate_file)
 
-    def _send(self, payload: bytes, timeout: float) -> _Outcome:
+    def _send(self, payload: bytes, timeout: float, metrics: bool = False) -> _Outcome:
         if self.config.protocol == "grpc":
-            return self._send_grpc(payload, timeout)
-        return self._send_http(payload, timeout)
+            return self._send_grpc(payload, timeout, metrics)
+        return self._send_http(payload, timeout, metrics)
 
-    def _send_grpc(self, payload: bytes, timeout: float) -> _Outcome:
+    def _send_grpc(self, payload: bytes, timeout: float, metrics: bool = False) -> _Outcome:
         grpc = self._grpc
         compression = grpc.Compression.Gzip if self.config.compression == "gzip" else None
+        call = self._metrics_call if metrics else self._call
         try:
-            response = self._call(payload, timeout=timeout,
+            response = call(payload, timeout=timeout,
                                   metadata=tuple(self.config.headers.items()) or None,
                                   compression=compression)
         except grpc.RpcError as exc:
@@ -293,14 +342,15 @@ class OtlpExporter(Exporter):
             return _Outcome(False, retryable, delay, f"grpc:{name}")
         return _Outcome(True, rejected=_rejected(response))
 
-    def _send_http(self, payload: bytes, timeout: float) -> _Outcome:
+    def _send_http(self, payload: bytes, timeout: float, metrics: bool = False) -> _Outcome:
         is_json = self.config.protocol == "http/json"
         headers = {"Content-Type": "application/json" if is_json else "application/x-protobuf",
                    **self.config.headers}
         if self.config.compression == "gzip":
             payload = gzip.compress(payload, compresslevel=5)
             headers["Content-Encoding"] = "gzip"
-        req = urllib.request.Request(self.target, data=payload, headers=headers, method="POST")
+        url = self.metrics_target if metrics else self.target
+        req = urllib.request.Request(url, data=payload, headers=headers, method="POST")
         try:
             with urllib.request.urlopen(req, timeout=timeout, context=self._ssl) as resp:
                 body = resp.read()
@@ -313,40 +363,47 @@ class OtlpExporter(Exporter):
             # connection refused / reset / timed out: the backend is unreachable
             reason = getattr(exc, "reason", exc)
             return _Outcome(False, True, None, f"http:unreachable ({type(reason).__name__})")
-        return _Outcome(True, rejected=_rejected_json(body) if is_json else _rejected(body))
+        return _Outcome(True, rejected=_rejected_json(body, metrics) if is_json
+                        else _rejected(body))
 
     # -- queue -------------------------------------------------------------------
 
     def export(self, batch: Any) -> ExportResult:
         """Encode ``batch`` and queue it; FAILURE (counted) when the queue is full or closed."""
+        metrics = isinstance(batch, MetricBatch)
+        if not metrics and not isinstance(batch, SpanBatch):
+            # neither spans nor metric points: counted (as one, if it has no rows), never raised
+            self._fail("unsupported_signal", getattr(batch, "num_rows", 0) or 1)
+            return ExportResult.FAILURE
         n = batch.num_rows
-        if not isinstance(batch, SpanBatch):
-            # metrics over OTLP are not implemented yet: counted, never dropped silently
-            if n:
-                self._fail("unsupported_signal", n)
-            return ExportResult.FAILURE if n else ExportResult.SUCCESS
         if n == 0:
             return ExportResult.SUCCESS
         if self._closed:
-            self._fail("shutdown", n)
+            self._fail("shutdown", n, metrics)
             return ExportResult.FAILURE
-        if self.config.protocol == "http/json":
-            payload = encode_traces_json(batch).encode()
+        json_out = self.config.protocol == "http/json"
+        if metrics:
+            payload = encode_metrics_json(batch).encode() if json_out else encode_metrics(batch)
         else:
-            payload = encode_traces(batch)
+            payload = encode_traces_json(batch).encode() if json_out else encode_traces(batch)
         try:
-            self._queue.put_nowait((payload, n))
+            self._queue.put_nowait((payload, n, metrics))
         except queue.Full:
-            self._fail("queue_full", n)
+            self._fail("queue_full", n, metrics)
             return ExportResult.FAILURE
         return ExportResult.SUCCESS
 
-    def _fail(self, reason: str, n: int) -> None:
+    def _fail(self, reason: str, n: int, metrics: bool = False) -> None:
         with self._lock:
             self.export_errors += 1
-            self.spans_failed += n
+            if metrics:
+                self.metric_points_failed += n
+            else:
+                self.spans_failed += n
             self.errors_by_reason[reason] += 1
-        logger.warning("OTLP export of %d spans to %s failed: %s", n, self.target, reason)
+        logger.warning("OTLP export of %d %s to %s failed: %s", n,
+                       "metric points" if metrics else "spans",
+                       self.metrics_target if metrics else self.target, reason)
 
     def _consume(self) -> None:
         while True:
@@ -360,37 +417,41 @@ class OtlpExporter(Exporter):
                 self._deliver(*item)
             except Exception:  # an exporter never takes the pipeline down
                 logger.exception("OTLP consumer failed")
-                self._fail("internal_error", item[1])
+                self._fail("internal_error", item[1], item[2])
             finally:
                 with self._lock:
                     self._inflight -= 1
                 self._queue.task_done()
 
-    def _deliver(self, payload: bytes, n: int) -> None:
+    def _deliver(self, payload: bytes, n: int, metrics: bool = False) -> None:
         retry = self.config.retry
         backoff = Backoff(retry)
         start = time.monotonic()
         while True:
             if self._stop.is_set():
-                self._fail("shutdown", n)
+                self._fail("shutdown", n, metrics)
                 return
-            outcome = self._send(payload, self.config.timeout)
+            outcome = self._send(payload, self.config.timeout, metrics)
             if outcome.ok:
                 with self._lock:
                     self.batches_exported += 1
-                    self.spans_exported += n - outcome.rejected
-                    self.spans_rejected += outcome.rejected
+                    if metrics:
+                        self.metric_points_exported += n - outcome.rejected
+                        self.metric_points_rejected += outcome.rejected
+                    else:
+                        self.spans_exported += n - outcome.rejected
+                        self.spans_rejected += outcome.rejected
                 return
             if not outcome.retryable or not retry.enabled:
-                self._fail(outcome.reason, n)
+                self._fail(outcome.reason, n, metrics)
                 return
             delay = outcome.delay if outcome.delay is not None else backoff.next_delay()
             if time.monotonic() - start + delay > retry.max_elapsed_time:
-                self._fail(f"retries_exhausted:{outcome.reason}", n)
+                self._fail(f"retries_exhausted:{outcome.reason}", n, metrics)
                 return
             logger.debug("OTLP %s; retrying in %.3fs", outcome.reason, delay)
             if self._stop.wait(delay):
-                self._fail("shutdown", n)
+                self._fail("shutdown", n, metrics)
                 return
 
     # -- lifecycle ---------------------------------------------------------------
@@ -422,7 +483,7 @@ class OtlpExporter(Exporter):
             except queue.Empty:
                 break
             if item is not None:
-                self._fail("shutdown", item[1])
+                self._fail("shutdown", item[1], item[2])
             self._queue.task_done()
         for _ in self._threads:
             self._queue.put(None)
@@ -430,11 +491,13 @@ class OtlpExporter(Exporter):
         for t in self._threads:
             t.join(max(0.0, end - time.monotonic()))
         if self.config.protocol == "grpc":
-            self._channel.close()
+            for channel in self._channels:
+                channel.close()
 
 
 def _rejected(response: bytes) -> int:
-    """``partial_success.rejected_spans`` of an ExportTraceServiceResponse (0 if none)."""
+    """``partial_success.rejected_spans`` (traces) / ``rejected_data_points`` (metrics):
+    field 1 of field 1 in both responses (0 if none)."""
     try:
         for no, wt, body in _attributes._fields(response):
             if no == 1 and wt == 2:
@@ -446,12 +509,15 @@ def _rejected(response: bytes) -> int:
     return 0
 
 
-def _rejected_json(response: bytes) -> int:
-    """``partialSuccess.rejectedSpans`` of an OTLP/JSON response (0 if none)."""
+def _rejected_json(response: bytes, metrics: bool = False) -> int:
+    """``partialSuccess.rejectedSpans`` (``rejectedDataPoints`` for metrics) of an
+    OTLP/JSON response (0 if none)."""
+    keys = ("rejectedDataPoints", "rejected_data_points") if metrics else (
+        "rejectedSpans", "rejected_spans")
     try:
         obj = json.loads(response or b"{}")
         part = obj.get("partialSuccess") or obj.get("partial_success") or {}
-        return int(part.get("rejectedSpans") or part.get("rejected_spans") or 0)
+        return int(part.get(keys[0]) or part.get(keys[1]) or 0)
     except (ValueError, AttributeError, TypeError):
         logger.warning("unreadable OTLP/JSON response body (%d bytes)", len(response))
         return 0

@@ -427,3 +427,10 @@ def encode_traces(batch: SpanBatch | pa.RecordBatch) -> bytes:
         "scope_schema_url": _str_parts(col("scope_schema_url")),
     }
     return _codec.encode_traces(cols)
+
+
+# Metrics go through opentelemetry-proto's classes (knhk.otlp.metrics); imported
+# last because that module needs OtlpDecodeError from here.
+from knhk.otlp.metrics import decode_metrics, encode_metrics  # noqa: E402
+
+__all__ += ["decode_metrics", "encode_metrics"]

@@ -57,6 +57,27 @@ def admit(pipeline, batch: SpanBatch) -> Admission:
     return Admission(True)
 
 
+def admit_metrics(pipeline, batch, skipped: int) -> Admission:
+    """Hand a metric batch to ``pipeline`` whole, or refuse it whole (the client retries).
+
+    ``skipped`` points (types knhk cannot represent) are reported as rejected.
+    """
+    n = batch.num_rows
+    if n:
+        taken = pipeline.try_record_metric_batch(batch)
+        if taken is None:
+            if pipeline.closed:
+                return Admission(False, message="the pipeline is shut down")
+            return Admission(False, message=(
+                f"the pipeline is full (the request has {n} metric points); retry later"))
+        skipped += n - taken
+    if skipped:
+        return Admission(True, skipped, (
+            f"{skipped} metric points were rejected (Summary and ExponentialHistogram "
+            "are not supported)"))
+    return Admission(True)
+
+
 def bearer_ok(expected: str | None, header: str | None) -> bool:
     """Constant-time check of an ``Authorization: Bearer <token>`` header."""
     if expected is None:

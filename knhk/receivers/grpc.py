@@ -1,10 +1,13 @@
-"""OTLP/gRPC receiver: ``TraceService/Export`` on localhost:4317, feeding a pipeline.
+"""OTLP/gRPC receiver: ``TraceService/Export`` and ``MetricsService/Export`` on localhost:4317.
 
 The request arrives as raw bytes (no protobuf objects are built) and is
 decoded by knhk's own codec straight into a span batch. A malformed request
 is refused whole with ``INVALID_ARGUMENT``; a full pipeline answers
 ``UNAVAILABLE`` with ``RetryInfo`` so OTLP clients retry; nothing is dropped
-silently.
+silently. Metrics are decoded by :mod:`knhk.otlp.metrics` and go to the
+pipeline's ``record_metric_batch``; points of metric types knhk does not
+represent (Summary, ExponentialHistogram) are reported back as rejected in a
+partial success.
 
 Example
 -------
@@ -26,6 +29,7 @@ from typing import Any
 import grpc
 
 from knhk.otlp import DEFAULT_MAX_DEPTH, OtlpDecodeError, decode_traces
+from knhk.otlp.metrics import decode_metrics_counted
 from knhk.receivers import _common
 
 logger = logging.getLogger(__name__)
@@ -33,15 +37,17 @@ logger = logging.getLogger(__name__)
 __all__ = ["OtlpGrpcReceiver"]
 
 _TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+_METRICS_SERVICE = "opentelemetry.proto.collector.metrics.v1.MetricsService"
 
 
 class OtlpGrpcReceiver:
-    """An OTLP/gRPC server whose TraceService feeds ``pipeline``.
+    """An OTLP/gRPC server whose TraceService and MetricsService feed ``pipeline``.
 
     Parameters
     ----------
     pipeline : TelemetryPipeline
-        Where decoded spans go (``record_batch``).
+        Where decoded spans (``record_batch``) and metric points
+        (``record_metric_batch``) go.
     endpoint : str
         ``host:port`` to bind; ``localhost:4317`` by default, port 0 picks a free one.
     max_request_bytes : int
@@ -79,12 +85,15 @@ class OtlpGrpcReceiver:
         )
         handler = grpc.unary_unary_rpc_method_handler(self._export_traces)
         self._server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(_TRACE_SERVICE, {"Export": handler}),))
+            (grpc.method_handlers_generic_handler(_TRACE_SERVICE, {"Export": handler}),
+             grpc.method_handlers_generic_handler(_METRICS_SERVICE, {
+                 "Export": grpc.unary_unary_rpc_method_handler(self._export_metrics)})))
         self.port = 0
         self.requests = 0
         self.spans_received = 0
         self.requests_refused = 0
         self.requests_invalid = 0
+        self.metric_points_received = 0
 
     def start(self) -> OtlpGrpcReceiver:
         """Bind and start serving; ``port`` is the bound port."""
@@ -108,12 +117,36 @@ class OtlpGrpcReceiver:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _export_traces(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        self.requests += 1
+    def _authorize(self, context: grpc.ServicerContext) -> None:
         if self._token is not None:
             meta = dict(context.invocation_metadata())
             if not _common.bearer_ok(self._token, meta.get("authorization")):
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+    def _refuse(self, context: grpc.ServicerContext, message: str) -> None:
+        self.requests_refused += 1
+        context.abort_with_status(_Status(
+            grpc.StatusCode.UNAVAILABLE, message,
+            (("grpc-status-details-bin", _common.status_bytes(
+                _common.UNAVAILABLE, message, _common.RETRY_AFTER_S)),)))
+
+    def _export_metrics(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.requests += 1
+        self._authorize(context)
+        try:
+            batch, skipped = decode_metrics_counted(request, max_depth=self.max_depth)
+        except OtlpDecodeError as exc:
+            self.requests_invalid += 1
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        result = _common.admit_metrics(self.pipeline, batch, skipped)
+        if not result.accepted:
+            self._refuse(context, result.message)
+        self.metric_points_received += batch.num_rows - max(0, result.rejected_spans - skipped)
+        return _common.partial_success_bytes(result.rejected_spans, result.message)
+
+    def _export_traces(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.requests += 1
+        self._authorize(context)
         try:
             batch = decode_traces(request, max_depth=self.max_depth)
         except OtlpDecodeError as exc:
@@ -121,11 +154,7 @@ class OtlpGrpcReceiver:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         result = _common.admit(self.pipeline, batch)
         if not result.accepted:
-            self.requests_refused += 1
-            context.abort_with_status(_Status(
-                grpc.StatusCode.UNAVAILABLE, result.message,
-                (("grpc-status-details-bin", _common.status_bytes(
-                    _common.UNAVAILABLE, result.message, _common.RETRY_AFTER_S)),)))
+            self._refuse(context, result.message)
         self.spans_received += batch.num_rows - result.rejected_spans
         return _common.partial_success_bytes(result.rejected_spans, result.message)
 

@@ -1,4 +1,4 @@
-"""OTLP/HTTP receiver: ``POST /v1/traces`` (binary protobuf or JSON, gzip) on localhost:4318.
+"""OTLP/HTTP receiver: ``POST /v1/traces`` and ``/v1/metrics`` (protobuf or JSON, gzip) on :4318.
 
 Requests are size-checked before and after decompression (gzip is inflated
 in bounded steps, so a small gzip bomb costs at most ``max_request_bytes``
@@ -7,7 +7,9 @@ the OTLP/HTTP specification: 400 with a ``google.rpc.Status`` body (protobuf
 or JSON, as the request) for a
 malformed request, 413 when too large, 415 for an unsupported content type or
 encoding, 401 without the bearer token, 503 with ``Retry-After`` when the
-pipeline is full.
+pipeline is full. Metric points go to the pipeline's ``record_metric_batch``
+under the same limits; points of types knhk does not represent are reported
+as rejected in a partial success.
 
 Example
 -------
@@ -32,6 +34,7 @@ from typing import Any
 
 from knhk.otlp import DEFAULT_MAX_DEPTH, OtlpDecodeError, decode_traces
 from knhk.otlp.json import decode_traces_json
+from knhk.otlp.metrics import decode_metrics_counted, decode_metrics_json
 from knhk.receivers import _common
 
 logger = logging.getLogger(__name__)
@@ -61,12 +64,12 @@ def _gunzip(data: bytes, limit: int) -> bytes:
 
 
 class OtlpHttpReceiver:
-    """An OTLP/HTTP server whose ``/v1/traces`` feeds ``pipeline``.
+    """An OTLP/HTTP server whose ``/v1/traces`` and ``/v1/metrics`` feed ``pipeline``.
 
     Parameters
     ----------
     pipeline : TelemetryPipeline
-        Where decoded spans go.
+        Where decoded spans and metric points go.
     endpoint : str
         ``host:port`` to bind (``localhost:4318``; port 0 picks a free one).
     max_request_bytes : int
@@ -102,6 +105,7 @@ class OtlpHttpReceiver:
         self.spans_received = 0
         self.requests_refused = 0
         self.requests_invalid = 0
+        self.metric_points_received = 0
 
     def start(self) -> OtlpHttpReceiver:
         """Bind and serve on a background thread; ``port`` is the bound port."""
@@ -136,8 +140,10 @@ class OtlpHttpReceiver:
         """(status, headers, body) for one POST."""
         self.requests += 1
         self._ctype.value = None
-        if path.split("?", 1)[0] != "/v1/traces":
-            return self._error(404, f"no OTLP endpoint at {path!r}; traces go to /v1/traces")
+        signal = {"/v1/traces": "traces", "/v1/metrics": "metrics"}.get(path.split("?", 1)[0])
+        if signal is None:
+            return self._error(404, f"no OTLP endpoint at {path!r}; traces go to /v1/traces "
+                                    "and metrics to /v1/metrics")
         if not _common.bearer_ok(self._token, headers.get("Authorization")):
             return self._error(401, "missing or wrong bearer token", _common.UNAUTHENTICATED)
         ctype = (headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
@@ -169,6 +175,8 @@ class OtlpHttpReceiver:
             except zlib.error as exc:
                 self.requests_invalid += 1
                 return self._error(400, f"the gzip body is corrupt: {exc}")
+        if signal == "metrics":
+            return self._metrics(data, ctype)
         try:
             if ctype == _JSON:
                 batch = decode_traces_json(data, max_depth=self.max_depth)
@@ -193,6 +201,34 @@ class OtlpHttpReceiver:
             return 200, {"Content-Type": _JSON}, json.dumps(body).encode()
         return 200, {"Content-Type": _PROTOBUF}, _common.partial_success_bytes(
             result.rejected_spans, result.message)
+
+    def _metrics(self, data: bytes, ctype: str) -> tuple[int, dict, bytes]:
+        """The answer to a decompressed, size-checked ``/v1/metrics`` body."""
+        try:
+            if ctype == _JSON:
+                batch, skipped = decode_metrics_json(data, max_depth=self.max_depth)
+            else:
+                batch, skipped = decode_metrics_counted(data, max_depth=self.max_depth)
+        except OtlpDecodeError as exc:
+            self.requests_invalid += 1
+            return self._error(400, str(exc))
+        result = _common.admit_metrics(self.pipeline, batch, skipped)
+        if not result.accepted:
+            self.requests_refused += 1
+            status, hdrs, body = self._error(503, result.message, _common.UNAVAILABLE,
+                                             retry=_common.RETRY_AFTER_S)
+            hdrs["Retry-After"] = str(_common.RETRY_AFTER_S)
+            return status, hdrs, body
+        rejected = result.rejected_spans
+        self.metric_points_received += batch.num_rows - max(0, rejected - skipped)
+        if ctype == _JSON:
+            body = {}
+            if rejected:
+                body = {"partialSuccess": {"rejectedDataPoints": str(rejected),
+                                           "errorMessage": result.message}}
+            return 200, {"Content-Type": _JSON}, json.dumps(body).encode()
+        return 200, {"Content-Type": _PROTOBUF}, _common.partial_success_bytes(
+            rejected, result.message)
 
     def _error(self, status: int, message: str, code: int = _common.INVALID_ARGUMENT,
                retry: float | None = None) -> tuple[int, dict, bytes]:
