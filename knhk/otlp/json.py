@@ -66,6 +66,27 @@ def _depth(obj: Any, limit: int) -> None:
             stack.extend((v, d + 1) for v in node)
 
 
+def load_request(data: str | bytes, depth_limit: int) -> dict:
+    """Parse an OTLP/JSON request body into a dict, bounded in nesting."""
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise OtlpDecodeError(f"malformed OTLP/JSON request: {exc}") from None
+    if not isinstance(obj, dict):
+        raise OtlpDecodeError("malformed OTLP/JSON request: the top level must be an object")
+    _depth(obj, depth_limit)
+    return obj
+
+
+def hex_to_b64(value: str, key: str) -> str:
+    """An id as OTLP/JSON writes it (hex) -> as protobuf's JSON parser reads it (base64)."""
+    try:
+        return base64.b64encode(bytes.fromhex(value)).decode()
+    except ValueError:
+        raise OtlpDecodeError(
+            f"malformed OTLP/JSON request: {key} must be hex, got {value[:40]!r}") from None
+
+
 def decode_traces_json(data: str | bytes, *, max_depth: int = DEFAULT_MAX_DEPTH,
                        default_service: str = "unknown_service") -> SpanBatch:
     """Decode an OTLP/JSON ``ExportTraceServiceRequest`` into a :class:`SpanBatch`.
@@ -75,22 +96,8 @@ def decode_traces_json(data: str | bytes, *, max_depth: int = DEFAULT_MAX_DEPTH,
     OtlpDecodeError
         Not JSON, not the request's shape, or an id that is not hex.
     """
-    try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise OtlpDecodeError(f"malformed OTLP/JSON request: {exc}") from None
-    if not isinstance(obj, dict):
-        raise OtlpDecodeError("malformed OTLP/JSON request: the top level must be an object")
     # AnyValue nesting costs about 4 JSON levels per level
-    _depth(obj, 4 * max_depth + 16)
-
-    def hex_to_b64(value: str, key: str) -> str:
-        try:
-            return base64.b64encode(bytes.fromhex(value)).decode()
-        except ValueError:
-            raise OtlpDecodeError(
-                f"malformed OTLP/JSON request: {key} must be hex, got {value[:40]!r}") from None
-
+    obj = load_request(data, 4 * max_depth + 16)
     try:
         _ids(obj, hex_to_b64)
         msg = json_format.ParseDict(obj, ExportTraceServiceRequest(),

@@ -417,24 +417,9 @@ def decode_metrics_json(data: str | bytes, *, max_depth: int = DEFAULT_MAX_DEPTH
     >>> batch.column("value").to_pylist(), skipped
     ([2.5], 0)
     """
-    from knhk.otlp.json import _depth
+    from knhk.otlp.json import hex_to_b64, load_request
 
-    try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise OtlpDecodeError(f"malformed OTLP/JSON request: {exc}") from None
-    if not isinstance(obj, dict):
-        raise OtlpDecodeError("malformed OTLP/JSON request: the top level must be an object")
-    _depth(obj, 4 * max_depth + 20)
-
-    def hex_to_b64(value: str, key: str) -> str:
-        try:
-            return base64.b64encode(bytes.fromhex(value)).decode()
-        except ValueError:
-            raise OtlpDecodeError(
-                f"malformed OTLP/JSON request: exemplar {key} must be hex, "
-                f"got {value[:40]!r}") from None
-
+    obj = load_request(data, 4 * max_depth + 20)
     try:
         _exemplar_ids(obj, hex_to_b64)
         msg = json_format.ParseDict(obj, ExportMetricsServiceRequest(),
