@@ -13,6 +13,7 @@ True
 from knhk._enums import BackpressureStrategy, DropReason, SpanKind, SpanStatus
 from knhk.batch import MetricBatch, SpanBatch
 from knhk.errors import (
+    BatchTooLargeError,
     BuildError,
     CorruptFileError,
     KnhkError,
@@ -112,6 +113,7 @@ __all__ = [
     "AttrType",
     "AttributeValue",
     "BackpressureStrategy",
+    "BatchTooLargeError",
     "BatchValidationReport",
     "BuildError",
     "CepAction",

@@ -11,6 +11,7 @@ written against a plain library keeps working::
 from __future__ import annotations
 
 __all__ = [
+    "BatchTooLargeError",
     "BuildError",
     "CorruptFileError",
     "KnhkError",
@@ -30,6 +31,10 @@ class SchemaError(KnhkError, TypeError):
 
 class RegistryError(KnhkError, ValueError):
     """A semantic-convention registry could not be loaded (names file and line)."""
+
+
+class BatchTooLargeError(KnhkError, ValueError):
+    """A batch is larger than the pipeline can ever hold at once: retrying cannot help."""
 
 
 class PipelineClosedError(KnhkError, RuntimeError):

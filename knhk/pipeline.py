@@ -32,7 +32,7 @@ from knhk import environment
 from knhk._build import load_core
 from knhk._enums import BackpressureStrategy, DropReason
 from knhk.batch import MetricBatch, SpanBatch, coerce_spans, trace_id_low64
-from knhk.errors import PipelineClosedError
+from knhk.errors import BatchTooLargeError, PipelineClosedError
 from knhk.exporters.base import Exporter, ExporterWorker
 from knhk.metrics import MetricBuffer
 from knhk.schema import MetricPoint
@@ -437,16 +437,25 @@ class TelemetryPipeline:
         then nothing was taken, no backpressure strategy applied, and the rows
         are counted as ``events_refused`` (the sender still holds them; an OTLP
         receiver answers UNAVAILABLE so its client retries). Invalid rows are
-        dropped and counted as for :meth:`record_batch`.
+        dropped and counted as for :meth:`record_batch` once the batch is taken.
+        Raises :class:`~knhk.errors.BatchTooLargeError` when the valid rows exceed
+        the channel capacity, which no retry can fix.
         """
         rb, invalid = coerce_spans(data, default_service=self._service)
         n_bad = int(invalid.sum())
         if n_bad:
-            self._ring.count_invalid(n_bad)
             rb = rb.filter(np.logical_not(invalid))
+        if rb.num_rows > self._ring.capacity:
+            raise BatchTooLargeError(
+                f"{rb.num_rows} spans exceed the pipeline's channel capacity "
+                f"({self._ring.capacity}); send smaller batches")
         chunks = [rb.slice(off, self._batch_size)
                   for off in range(0, rb.num_rows, self._batch_size)]
-        return rb.num_rows if self._ring.offer_all(chunks) else None
+        if not self._ring.offer_all(chunks):
+            return None  # nothing taken or counted: the sender retries the whole batch
+        if n_bad:
+            self._ring.count_invalid(n_bad)
+        return rb.num_rows
 
     def record_metric(self, point: MetricPoint | str, value: float | int | None = None,
                       **fields: Any) -> bool:
@@ -482,6 +491,10 @@ class TelemetryPipeline:
         n = batch.num_rows
         if n == 0:
             return 0
+        if n > self._metrics.capacity:
+            raise BatchTooLargeError(
+                f"{n} metric points exceed the pipeline's channel capacity "
+                f"({self._metrics.capacity}); send smaller batches")
         taken = self._metrics.offer_batch(batch.record_batch, refuse=True)
         return taken if taken else None
 

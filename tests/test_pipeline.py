@@ -602,3 +602,18 @@ def test_try_record_metric_batch_refuses_whole_batches(pipeline_factory):
     assert stats.metrics_received == 3 and stats.metrics_refused == 6
     assert not any(k.startswith("metrics_") for k in stats.dropped_by_reason)
     assert sum(b.num_rows for b in sink.metric_batches()) == 3
+
+
+def test_a_refused_batch_counts_nothing_and_a_too_large_one_raises(pipeline_factory):
+    p = pipeline_factory(lambda b: b.with_batch_size(2).with_channel_capacity(4))
+    rows = knhk.SpanBatch.from_spans(
+        [knhk.Span("a", trace_id=i, span_id=i) for i in range(1, 7)]).record_batch.to_pylist()
+    rows[0]["end_time_ns"] = rows[0]["start_time_ns"] - 1  # one invalid row
+    five_valid = pa.RecordBatch.from_pylist(rows, schema=knhk.SPAN_SCHEMA)
+    with pytest.raises(knhk.errors.BatchTooLargeError, match="channel capacity"):
+        p.try_record_batch(five_valid)
+    p.shutdown()
+    assert p.try_record_batch(five_valid.slice(0, 3)) is None  # refused: retried later
+    stats = p.stats()
+    # neither the too-large nor the refused batch counted its invalid row
+    assert stats.dropped_by_reason == {} and stats.events_received == 0

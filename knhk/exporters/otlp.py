@@ -252,6 +252,7 @@ class OtlpExporter(Exporter):
     def __init__(self, config: OtlpConfig | None = None) -> None:
         self.config = (config or OtlpConfig()).resolved()
         self._lock = threading.Lock()
+        self._admit_lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(self.config.queue_size)
         self._stop = threading.Event()
         self._closed = False
@@ -386,12 +387,29 @@ class OtlpExporter(Exporter):
             payload = encode_metrics_json(batch).encode() if json_out else encode_metrics(batch)
         else:
             payload = encode_traces_json(batch).encode() if json_out else encode_traces(batch)
-        try:
-            self._queue.put_nowait((payload, n, metrics))
-        except queue.Full:
-            self._fail("queue_full", n, metrics)
-            return ExportResult.FAILURE
-        return ExportResult.SUCCESS
+        # closed-check and enqueue under one lock, so shutdown() cannot slip in between
+        # and leave this batch behind its consumers' stop markers
+        with self._admit_lock:
+            if self._closed:
+                reason = "shutdown"
+            else:
+                try:
+                    self._queue.put_nowait((payload, n, metrics))
+                    return ExportResult.SUCCESS
+                except queue.Full:
+                    reason = "queue_full"
+        self._fail(reason, n, metrics)
+        return ExportResult.FAILURE
+
+    def _drop_queued(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                self._fail("shutdown", item[1], item[2])
+            self._queue.task_done()
 
     def _fail(self, reason: str, n: int, metrics: bool = False) -> None:
         with self._lock:
@@ -472,24 +490,19 @@ class OtlpExporter(Exporter):
         Returns within ``timeout`` plus one attempt's send timeout at worst,
         even with the backend down: waits between retries are cut short.
         """
-        if self._closed:
-            return
-        self._closed = True
+        with self._admit_lock:
+            if self._closed:
+                return
+            self._closed = True
         self.force_flush(10.0 if timeout is None else timeout)
         self._stop.set()
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                self._fail("shutdown", item[1], item[2])
-            self._queue.task_done()
+        self._drop_queued()
         for _ in self._threads:
             self._queue.put(None)
         end = time.monotonic() + 0.5
         for t in self._threads:
             t.join(max(0.0, end - time.monotonic()))
+        self._drop_queued()  # anything still queued now has no consumer: count it
         if self.config.protocol == "grpc":
             for channel in self._channels:
                 channel.close()

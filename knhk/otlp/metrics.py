@@ -180,6 +180,14 @@ def _from_message(req: ExportMetricsServiceRequest, max_depth: int,
                                value=None, int_value=None, count=None, sum=None, min=None,
                                max=None, bounds=None, bucket_counts=None)
                     if kind is MetricKind.HISTOGRAM:
+                        counts, nb = p.bucket_counts, len(p.explicit_bounds)
+                        # bucket_counts is optional; when present the spec fixes its shape
+                        if counts and (len(counts) != nb + 1 or sum(counts) != p.count):
+                            raise OtlpDecodeError(
+                                f"malformed {_REQUEST}: {where}.data_points[{pi}] has "
+                                f"{len(counts)} bucket counts summing to {sum(counts)} for "
+                                f"{nb} bounds and count {p.count} (expected {nb + 1} "
+                                "summing to count)")
                         row.update(count=p.count, bounds=list(p.explicit_bounds),
                                    bucket_counts=list(p.bucket_counts),
                                    sum=p.sum if p.HasField("sum") else None,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from knhk import _attributes
 from knhk.batch import SpanBatch
-from knhk.errors import PipelineClosedError
+from knhk.errors import BatchTooLargeError, PipelineClosedError
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ class Admission:
     accepted: bool
     rejected_spans: int = 0
     message: str = ""
+    #: refused because it can never fit: the client must not retry it as it is
+    too_large: bool = False
 
 
 def admit(pipeline, batch: SpanBatch) -> Admission:
@@ -45,6 +47,8 @@ def admit(pipeline, batch: SpanBatch) -> Admission:
         accepted = pipeline.try_record_batch(batch)
     except PipelineClosedError:
         accepted = None
+    except BatchTooLargeError as exc:
+        return Admission(False, message=str(exc), too_large=True)
     if accepted is None:
         if pipeline.closed:
             return Admission(False, message="the pipeline is shut down")
@@ -64,7 +68,10 @@ def admit_metrics(pipeline, batch, skipped: int) -> Admission:
     """
     n = batch.num_rows
     if n:
-        taken = pipeline.try_record_metric_batch(batch)
+        try:
+            taken = pipeline.try_record_metric_batch(batch)
+        except BatchTooLargeError as exc:
+            return Admission(False, message=str(exc), too_large=True)
         if taken is None:
             if pipeline.closed:
                 return Admission(False, message="the pipeline is shut down")

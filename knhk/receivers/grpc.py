@@ -123,8 +123,12 @@ class OtlpGrpcReceiver:
             if not _common.bearer_ok(self._token, meta.get("authorization")):
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
-    def _refuse(self, context: grpc.ServicerContext, message: str) -> None:
+    def _refuse(self, context: grpc.ServicerContext, result: _common.Admission) -> None:
         self.requests_refused += 1
+        message = result.message
+        if result.too_large:
+            # RESOURCE_EXHAUSTED without RetryInfo: not retryable (OTLP specification)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
         context.abort_with_status(_Status(
             grpc.StatusCode.UNAVAILABLE, message,
             (("grpc-status-details-bin", _common.status_bytes(
@@ -140,7 +144,7 @@ class OtlpGrpcReceiver:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         result = _common.admit_metrics(self.pipeline, batch, skipped)
         if not result.accepted:
-            self._refuse(context, result.message)
+            self._refuse(context, result)
         self.metric_points_received += batch.num_rows - max(0, result.rejected_spans - skipped)
         return _common.partial_success_bytes(result.rejected_spans, result.message)
 
@@ -154,7 +158,7 @@ class OtlpGrpcReceiver:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         result = _common.admit(self.pipeline, batch)
         if not result.accepted:
-            self._refuse(context, result.message)
+            self._refuse(context, result)
         self.spans_received += batch.num_rows - result.rejected_spans
         return _common.partial_success_bytes(result.rejected_spans, result.message)
 

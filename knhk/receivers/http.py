@@ -102,6 +102,7 @@ class OtlpHttpReceiver:
         self._ctype = threading.local()  # the request's content type, for error bodies
         self.port = 0
         self.requests = 0
+        self.read_timeout = 30.0
         self.spans_received = 0
         self.requests_refused = 0
         self.requests_invalid = 0
@@ -111,6 +112,8 @@ class OtlpHttpReceiver:
         """Bind and serve on a background thread; ``port`` is the bound port."""
         server = ThreadingHTTPServer(self._addr, _handler_for(self))
         server.daemon_threads = True
+        server.handle_error = lambda request, address: logger.debug(  # type: ignore[method-assign]
+            "OTLP/HTTP request from %s failed", address, exc_info=True)
         if self._ssl is not None:
             server.socket = self._ssl.wrap_socket(server.socket, server_side=True)
         self._server = server
@@ -187,11 +190,7 @@ class OtlpHttpReceiver:
             return self._error(400, str(exc))
         result = _common.admit(self.pipeline, batch)
         if not result.accepted:
-            self.requests_refused += 1
-            status, hdrs, body = self._error(503, result.message, _common.UNAVAILABLE,
-                                             retry=_common.RETRY_AFTER_S)
-            hdrs["Retry-After"] = str(_common.RETRY_AFTER_S)
-            return status, hdrs, body
+            return self._refused(result)
         self.spans_received += batch.num_rows - result.rejected_spans
         if ctype == _JSON:
             body = {}
@@ -214,11 +213,7 @@ class OtlpHttpReceiver:
             return self._error(400, str(exc))
         result = _common.admit_metrics(self.pipeline, batch, skipped)
         if not result.accepted:
-            self.requests_refused += 1
-            status, hdrs, body = self._error(503, result.message, _common.UNAVAILABLE,
-                                             retry=_common.RETRY_AFTER_S)
-            hdrs["Retry-After"] = str(_common.RETRY_AFTER_S)
-            return status, hdrs, body
+            return self._refused(result)
         rejected = result.rejected_spans
         self.metric_points_received += batch.num_rows - max(0, rejected - skipped)
         if ctype == _JSON:
@@ -229,6 +224,15 @@ class OtlpHttpReceiver:
             return 200, {"Content-Type": _JSON}, json.dumps(body).encode()
         return 200, {"Content-Type": _PROTOBUF}, _common.partial_success_bytes(
             rejected, result.message)
+
+    def _refused(self, result: _common.Admission) -> tuple[int, dict, bytes]:
+        self.requests_refused += 1
+        if result.too_large:  # 413 is not retryable (OTLP specification)
+            return self._error(413, result.message, _common.RESOURCE_EXHAUSTED)
+        status, hdrs, body = self._error(503, result.message, _common.UNAVAILABLE,
+                                         retry=_common.RETRY_AFTER_S)
+        hdrs["Retry-After"] = str(_common.RETRY_AFTER_S)
+        return status, hdrs, body
 
     def _error(self, status: int, message: str, code: int = _common.INVALID_ARGUMENT,
                retry: float | None = None) -> tuple[int, dict, bytes]:
@@ -244,19 +248,27 @@ def _handler_for(receiver: OtlpHttpReceiver) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "knhk-otlp"
+        # a client that stalls mid-request must not hold a server thread forever
+        timeout = receiver.read_timeout
 
         def do_POST(self) -> None:
-            status, headers, body = receiver._handle(self.path, self.headers, self.rfile.read)
-            self.send_response(status)
-            for k, v in headers.items():
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(body)))
-            if status >= 400:
-                # the body may not have been read: do not reuse the connection
-                self.send_header("Connection", "close")
+            try:
+                status, headers, body = receiver._handle(self.path, self.headers,
+                                                         self.rfile.read)
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                if status >= 400:
+                    # the body may not have been read: do not reuse the connection
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
+                self.end_headers()
+                self.wfile.write(body)
+            except OSError as exc:  # the client went away or timed out
+                logger.debug("OTLP/HTTP connection from %s failed: %s",
+                             self.address_string(), exc)
                 self.close_connection = True
-            self.end_headers()
-            self.wfile.write(body)
 
         def log_message(self, format: str, *args: Any) -> None:
             logger.debug("%s " + format, self.address_string(), *args)

@@ -50,6 +50,10 @@ def check_severity(severity: str) -> str:
     return severity
 
 
+#: (rule, key) pairs remembered for deduplication before old ones are pruned
+_MAX_DEDUP_KEYS = 100_000
+
+
 @dataclass
 class Alert:
     """One alert.
@@ -86,15 +90,25 @@ class AlertSink:
 
 
 class InMemoryAlertSink(AlertSink):
-    """Keeps every alert in ``alerts`` (a list), for tests and notebooks."""
+    """Keeps the newest ``max_alerts`` alerts in ``alerts`` (a list), for tests and
+    notebooks; older ones are forgotten (and counted in ``forgotten``), so a
+    long-running pipeline does not grow without bound."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_alerts: int = 10_000) -> None:
+        if max_alerts < 1:
+            raise ValueError(f"max_alerts must be >= 1, got {max_alerts!r}")
+        self.max_alerts = max_alerts
         self.alerts: list[Alert] = []
+        self.forgotten = 0
         self._lock = threading.Lock()
 
     def send(self, alert: Alert) -> None:
         with self._lock:
             self.alerts.append(alert)
+            if len(self.alerts) > 2 * self.max_alerts:  # trim in amortized O(1)
+                cut = len(self.alerts) - self.max_alerts
+                del self.alerts[:cut]
+                self.forgotten += cut
 
     def clear(self) -> list[Alert]:
         """Return the alerts held so far and forget them."""
@@ -157,7 +171,12 @@ class AlertRouter:
             if last is not None and self.dedup_ns and 0 <= alert.time_ns - last < self.dedup_ns:
                 self._counts["alerts_suppressed"] = self._counts.get("alerts_suppressed", 0) + 1
                 return False
-            self._last[ident] = alert.time_ns
+            if self.dedup_ns:
+                self._last[ident] = alert.time_ns
+                if len(self._last) > _MAX_DEDUP_KEYS:
+                    # keys not seen within the dedup window cannot suppress anything
+                    horizon = alert.time_ns - self.dedup_ns
+                    self._last = {k: t for k, t in self._last.items() if t >= horizon}
             for name in ("alerts_total", f"alerts_{alert.severity}",
                          f"alerts_rule:{alert.rule}"):
                 self._counts[name] = self._counts.get(name, 0) + 1

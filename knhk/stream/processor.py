@@ -293,6 +293,11 @@ class StreamProcessor:
                 missing = np.isnan(values) & valid
                 self._bump("missing_value", int(missing.sum()))
                 valid &= ~missing
+                if self.mode == "sketch":
+                    # the sketch holds finite values >= 0 only: count the rest, keep the batch
+                    unfit = valid & (~np.isfinite(values) | (values < 0))
+                    self._bump("value_out_of_sketch_range", int(unfit.sum()))
+                    valid &= ~unfit
             n_invalid = int((dur < 0).sum())
             self._bump("invalid_spans", n_invalid)
             gid = self._keys.encode(batch)
@@ -463,7 +468,10 @@ class StreamProcessor:
             key = (int(s[lo]), int(g[lo]))
             entry = self._sketches.get(key)
             if entry is None:
-                entry = self._sketches[key] = [DDSketch(self.alpha), 0]
+                sketch = DDSketch(self.alpha)
+                sketch.add(v[lo:hi])  # registered only once it holds values
+                self._sketches[key] = [sketch, int(e[lo:hi].sum())]
+                continue
             entry[0].add(v[lo:hi])
             entry[1] += int(e[lo:hi].sum())
 

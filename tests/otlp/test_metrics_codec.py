@@ -296,3 +296,22 @@ def test_arbitrary_bytes_decode_or_raise_the_worded_error(data):
         assert "ExportMetricsServiceRequest" in str(exc)
     else:
         assert batch.record_batch.schema.equals(knhk.METRIC_SCHEMA)
+
+
+def test_a_histogram_whose_buckets_do_not_fit_its_bounds_is_refused():
+    from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as ms
+    from opentelemetry.proto.metrics.v1 import metrics_pb2 as mp
+
+    def request(counts, count):
+        point = mp.HistogramDataPoint(count=count, explicit_bounds=[1.0, 2.0],
+                                      bucket_counts=counts, time_unix_nano=1)
+        metric = mp.Metric(name="lat", histogram=mp.Histogram(data_points=[point],
+                                                              aggregation_temporality=2))
+        return ms.ExportMetricsServiceRequest(resource_metrics=[mp.ResourceMetrics(
+            scope_metrics=[mp.ScopeMetrics(metrics=[metric])])]).SerializeToString()
+
+    assert decode_metrics(request([1, 2, 3], 6)).column("count").to_pylist() == [6]
+    assert decode_metrics(request([], 6)).column("count").to_pylist() == [6]  # no buckets
+    for counts, count in (([5], 99), ([1, 2, 3], 7)):
+        with pytest.raises(OtlpDecodeError, match="bucket counts"):
+            decode_metrics(request(counts, count))

@@ -133,15 +133,17 @@ def test_full_pipeline_answers_unavailable_with_retry_info(pipeline_factory):
         receiver.stop(0)
 
 
-def test_no_room_refuses_the_request_whole(pipeline_factory):
+def test_a_request_larger_than_the_pipeline_is_not_retryable(pipeline_factory):
     pipeline = pipeline_factory(lambda b: b.with_batch_size(2).with_channel_capacity(2))
     receiver = OtlpGrpcReceiver(pipeline, endpoint="localhost:0").start()
     try:
         payload = encode_spans(_sdk_spans(3)).SerializeToString()
         with pytest.raises(grpc.RpcError) as info:
             _call(receiver.port, payload)
-        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
-        assert "the pipeline is full" in info.value.details()
+        # RESOURCE_EXHAUSTED without RetryInfo: the OTLP specification says do not retry
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "exceed the pipeline's channel capacity" in info.value.details()
+        assert "grpc-status-details-bin" not in dict(info.value.trailing_metadata() or ())
         assert pipeline.stats().events_received == 0
     finally:
         receiver.stop(0)

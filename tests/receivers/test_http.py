@@ -131,14 +131,26 @@ def test_unknown_path_is_404(served):
     assert _post(served[2].port, b"", path="/v1/logs")[0] == 404
 
 
-def test_full_pipeline_is_503_with_retry_after(pipeline_factory):
-    pipeline = pipeline_factory(lambda b: b.with_batch_size(2).with_channel_capacity(2))
+def test_a_pipeline_that_cannot_take_a_request_is_503_with_retry_after(pipeline_factory):
+    pipeline = pipeline_factory(lambda b: b.with_batch_size(2).with_channel_capacity(4))
+    pipeline.shutdown(1.0)  # nothing can be taken: the client is told to retry
     with OtlpHttpReceiver(pipeline, endpoint="localhost:0") as receiver:
         payload = encode_spans(_sdk_spans(3)).SerializeToString()
         status, headers, body = _post(receiver.port, payload)
     assert status == 503 and headers["Retry-After"] == "1"
-    assert "full" in _status(body).message
-    assert pipeline.stats().events_received == 0
+    assert "shut down" in _status(body).message
+    assert pipeline.stats().events_received == 0 and pipeline.stats().events_refused == 3
+
+
+def test_a_request_larger_than_the_pipeline_is_413_not_retryable(pipeline_factory):
+    pipeline = pipeline_factory(lambda b: b.with_batch_size(2).with_channel_capacity(2))
+    with OtlpHttpReceiver(pipeline, endpoint="localhost:0") as receiver:
+        payload = encode_spans(_sdk_spans(3)).SerializeToString()
+        status, headers, body = _post(receiver.port, payload)
+    assert status == 413 and "Retry-After" not in headers
+    assert "exceed the pipeline's channel capacity" in _status(body).message
+    stats = pipeline.stats()
+    assert stats.events_received == 0 and stats.events_refused == 0
 
 
 def test_bearer_token(pipeline_factory):

@@ -197,17 +197,33 @@ def test_summary_points_come_back_as_partial_success(sink_pipeline):
 
 
 def test_full_pipeline_answers_unavailable_and_503(pipeline_factory):
+    pipeline = pipeline_factory(lambda b: b.with_batch_size(4).with_channel_capacity(16))
+    pipeline.shutdown(1.0)  # nothing can be taken: clients are told to retry
+    request = _gauge_request(10).SerializeToString()
+    with OtlpGrpcReceiver(pipeline, endpoint="localhost:0") as receiver, \
+            grpc.insecure_channel(f"localhost:{receiver.port}") as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary(_METHOD)(request, timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert receiver.requests_refused == 1
+    with OtlpHttpReceiver(pipeline, endpoint="localhost:0") as receiver:
+        status, headers, _ = _post(receiver.port, "/v1/metrics", request,
+                                   "application/x-protobuf")
+    assert status == 503 and headers["Retry-After"] == "1"
+    assert pipeline.stats().metrics_refused == 20
+
+
+def test_a_metrics_request_larger_than_the_pipeline_is_not_retryable(pipeline_factory):
     pipeline = pipeline_factory(lambda b: b.with_batch_size(4).with_channel_capacity(4))
     big = _gauge_request(10).SerializeToString()
     with OtlpGrpcReceiver(pipeline, endpoint="localhost:0") as receiver, \
             grpc.insecure_channel(f"localhost:{receiver.port}") as channel:
         with pytest.raises(grpc.RpcError) as info:
             channel.unary_unary(_METHOD)(big, timeout=5)
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert receiver.requests_refused == 1
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     with OtlpHttpReceiver(pipeline, endpoint="localhost:0") as receiver:
         status, headers, _ = _post(receiver.port, "/v1/metrics", big, "application/x-protobuf")
-    assert status == 503 and headers["Retry-After"] == "1"
+    assert status == 413 and "Retry-After" not in headers
 
 
 def test_grpc_bad_metrics_bytes_are_invalid_argument(sink_pipeline):

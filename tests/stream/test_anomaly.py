@@ -84,3 +84,21 @@ def test_detectors_in_processor_on_closed_windows():
 def test_bad_configuration(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_alert_memory_is_bounded():
+    from knhk.stream import alerts as al
+
+    sink = al.InMemoryAlertSink(max_alerts=100)
+    router = al.AlertRouter([sink], dedup_seconds=1.0)
+    for i in range(1000):
+        assert router.emit(al.Alert("r", "info", "m", i * 2 * 10**9, (str(i),), {}))
+    assert 100 <= len(sink.alerts) <= 200 and sink.forgotten == 1000 - len(sink.alerts)
+    assert sink.alerts[-1].key == ("999",)
+    # duplicates within the window are still suppressed
+    assert not router.emit(al.Alert("r", "info", "m", 999 * 2 * 10**9 + 1, ("999",), {}))
+    # without deduplication no (rule, key) is remembered
+    plain = al.AlertRouter([], dedup_seconds=0)
+    for i in range(50):
+        plain.emit(al.Alert("r", "info", "m", i, (str(i),), {}))
+    assert plain._last == {}

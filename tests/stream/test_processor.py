@@ -346,3 +346,14 @@ def test_event_stream_feeds_process_batch(pipeline_factory):
     processor.flush()
     assert [(r.window_start, r.count, r.max) for r in processor.get_results()] == [
         (0, 2, 3.0), (10 * S, 1, 1.0)]
+
+
+def test_sketch_mode_counts_values_it_cannot_hold_and_keeps_the_rest():
+    spans = [knhk.Span("op", trace_id=i, span_id=i, start_time_ns=i * 10**9, duration_ns=10,
+                       attributes={"x": v}) for i, v in enumerate([1.5, -2.0, 3.0, 4.0], 1)]
+    p = StreamProcessor(WindowConfig.tumbling(seconds=60), mode="sketch", value="attributes.x")
+    p.process_batch(knhk.SpanBatch.from_spans(spans))
+    p.flush()
+    [result] = p.get_results()
+    assert result.count == 3
+    assert p.counters()["value_out_of_sketch_range"] == 1
