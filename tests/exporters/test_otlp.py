@@ -408,3 +408,24 @@ def test_a_batch_of_no_known_signal_is_counted_not_dropped_silently(collector):
     exporter.shutdown(1)
     assert exporter.errors_by_reason == {"unsupported_signal": 1}
     assert collector.calls == 0
+
+
+def test_a_batch_racing_shutdown_is_counted_not_lost(collector, monkeypatch):
+    """shutdown() landing while export() encodes: the batch must not be queued behind
+    the consumers' stop markers and reported as a success."""
+    from knhk.exporters import otlp as otlp_mod
+
+    exporter = _exporter(collector.port)
+    real = otlp_mod.encode_traces
+
+    def encode_then_shutdown(batch):
+        payload = real(batch)
+        exporter.shutdown(1.0)  # as ExporterWorker.close() may, from another thread
+        return payload
+
+    monkeypatch.setattr(otlp_mod, "encode_traces", encode_then_shutdown)
+    batch = generate(50, WorkloadConfig(seed=4))
+    assert exporter.export(batch) is knhk.ExportResult.FAILURE
+    assert exporter.errors_by_reason == {"shutdown": 1}
+    assert exporter.spans_failed == 50 and exporter.spans_exported == 0
+    assert exporter._queue.qsize() == 0

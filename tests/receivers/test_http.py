@@ -199,3 +199,22 @@ def test_json_requests(served):
     status, headers, resp = _post(receiver.port, b"{not json",
                                   {"Content-Type": "application/json"})
     assert status == 400 and json.loads(resp)["code"] == 3
+
+
+def test_a_stalled_client_is_timed_out(pipeline_factory):
+    import socket
+    import time
+
+    pipeline = pipeline_factory()
+    receiver = OtlpHttpReceiver(pipeline, endpoint="localhost:0")
+    receiver.read_timeout = 0.3
+    with receiver:
+        with socket.create_connection(("localhost", receiver.port), timeout=5) as sock:
+            sock.sendall(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/x-protobuf\r\nContent-Length: 100\r\n\r\nab")
+            t0 = time.monotonic()
+            while sock.recv(4096):  # whatever the server says, it then closes
+                pass
+            assert time.monotonic() - t0 < 3.0
+        # and the receiver still serves others
+        assert _post(receiver.port, b"")[0] == 200
