@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from knhk import _attributes
+from knhk._build import load_core
 from knhk.errors import SchemaError
 from knhk.schema import (
     ATTRIBUTES_TYPE,
@@ -44,6 +45,7 @@ from knhk.schema import (
 
 __all__ = ["MetricBatch", "SpanBatch", "coerce_spans", "trace_id_low64"]
 
+_RING = load_core("_ringbuffer")
 _SPAN_FIELDS = {f.name: f for f in SPAN_SCHEMA}
 _REQUIRED = ("trace_id", "span_id", "name", "start_time_ns")
 _ID_COLUMNS = {"trace_id": 16, "span_id": 8, "parent_span_id": 8}
@@ -125,13 +127,10 @@ class SpanBatch(_ArrowBatch):
     def from_spans(cls, spans: Iterable[Span], *,
                    default_service: str = "unknown_service") -> SpanBatch:
         """Build one batch from ``Span`` objects (through the same kernel as ``record_span``)."""
-        from knhk._build import load_core
-
         spans = list(spans)
         if not spans:
             return cls.empty()
-        ring = load_core("_ringbuffer").SpanRing(len(spans), len(spans),
-                                                 default_service=default_service)
+        ring = _RING.SpanRing(len(spans), len(spans), default_service=default_service)
         ring.append_many(spans)
         ring.seal()
         return cls._wrap(ring.pop()[0])
@@ -431,17 +430,9 @@ def _typed_column(name: str, col: Any, target: pa.DataType) -> pa.Array:
             from None
 
 
-_ZERO: dict[str, Any] = {"buf": None, "size": 0}
-
-
 def _zeros(nbytes: int) -> pa.Buffer:
-    """A shared read-only zero buffer of at least ``nbytes`` (calloc'd, so cheap)."""
-    if _ZERO["size"] < nbytes:
-        size = max(nbytes, 1 << 16)
-        arr = np.zeros(size, dtype=np.uint8)
-        arr.flags.writeable = False
-        _ZERO["buf"], _ZERO["size"] = pa.py_buffer(arr), size
-    return _ZERO["buf"]
+    """The ring buffer's shared read-only zero buffer (calloc'd, so cheap)."""
+    return _RING.zeros(nbytes)
 
 
 def _default_column(name: str, n: int, default_service: str) -> pa.Array:

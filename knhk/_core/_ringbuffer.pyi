@@ -8,6 +8,7 @@ import pyarrow as pa
 from knhk._core._span import Span
 
 def _bind_python(types: Any, encode_slow: Any) -> None: ...
+def zeros(nbytes: int) -> pa.Buffer: ...
 
 class SpanRing:
     batch_size: int  # Py_ssize_t

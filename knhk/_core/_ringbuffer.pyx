@@ -73,6 +73,12 @@ cdef object _zeros(Py_ssize_t nbytes):
 
 _ZERO_ARRAY.flags.writeable = False
 
+
+def zeros(Py_ssize_t nbytes):
+    """The shared read-only zero buffer, at least ``nbytes`` long (for default columns)."""
+    return _zeros(nbytes)
+
+
 # Filled in by ``_bind_python`` (knhk.schema imports this module's sibling).
 cdef object _T = None              # the schema types namespace
 cdef object _ENCODE_SLOW = None    # attribute value -> (type, payload) for rare types
