@@ -348,6 +348,14 @@ class TelemetryPipeline:
             self.validator = WeaverValidator(path, **options)
             self._stages.append(self.validator.stage(policy))
         self._stages.extend(config._stages)
+        # Exporters that derive data from every span (span metrics, service graphs)
+        # contribute a stage here, before sampling, so what they derive is unbiased.
+        for exporter in config._exporters:
+            stage_of = getattr(exporter, "pipeline_stage", None)
+            if callable(stage_of):
+                stage = stage_of()
+                if stage is not None:
+                    self._stages.append(stage)
         # Sampling runs after every other stage: they see every span.
         self._sampler = None
         if config._sampling is not None:
@@ -396,6 +404,11 @@ class TelemetryPipeline:
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="knhk-pipeline", daemon=True)
         self._worker.start()
+        # Exporters that report on the pipeline itself (its stats) learn which one.
+        for exporter in config._exporters:
+            bind = getattr(exporter, "bind_pipeline", None)
+            if callable(bind):
+                bind(self)
 
     # -- input -------------------------------------------------------------------
 

@@ -617,3 +617,25 @@ def test_a_refused_batch_counts_nothing_and_a_too_large_one_raises(pipeline_fact
     stats = p.stats()
     # neither the too-large nor the refused batch counted its invalid row
     assert stats.dropped_by_reason == {} and stats.events_received == 0
+
+
+def test_an_exporter_stage_sees_every_span_before_sampling(pipeline_factory):
+    seen: list[int] = []
+
+    class Deriving(knhk.InMemoryExporter):
+        bound = None
+
+        def pipeline_stage(self):
+            return lambda batch: seen.append(batch.num_rows)
+
+        def bind_pipeline(self, pipeline):
+            self.bound = pipeline
+
+    exporter = Deriving()
+    p = pipeline_factory(lambda b: b.with_sampler(knhk.AlwaysOff()).with_exporter(exporter))
+    assert exporter.bound is p
+    assert p.record_spans(knhk.Span("a", trace_id=i, span_id=i) for i in range(1, 11)) == 10
+    assert p.force_flush(5)
+    assert sum(seen) == 10                      # the stage saw all ten ...
+    assert exporter.spans().num_rows == 0       # ... the exporter none (sampled out)
+    assert p.stats().events_sampled_out == 10

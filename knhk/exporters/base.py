@@ -32,6 +32,14 @@ class Exporter:
 
     ``queue_size`` is how many batches the pipeline may hold for this exporter
     before it drops (and counts) new ones.
+
+    Two optional hooks, looked up by name when the pipeline is built:
+
+    * ``pipeline_stage() -> stage | None``: a stage the pipeline runs before
+      sampling, so an exporter that derives data from spans (span metrics,
+      service graphs) sees every span, not only the sampled ones;
+    * ``bind_pipeline(pipeline)``: called once the pipeline runs, for an
+      exporter that reports on the pipeline itself (its ``stats()``).
     """
 
     name: str = "exporter"
