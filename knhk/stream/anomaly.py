@@ -120,13 +120,22 @@ class EwmaDetector:
     message : str
         Template with ``{rule}``, ``{key}``, ``{column}``, ``{value}``, ``{mean}``,
         ``{std}``, ``{z}``, ``{window_end}``.
+    max_keys : int
+        Baselines kept; beyond it the key updated longest ago is forgotten
+        (counted in ``evictions``) and starts a new warm-up if it returns.
     """
 
     def __init__(self, name: str, column: str = "p99_duration_ms", *, smoothing: float = 0.3,
                  z: float = 3.0, warmup: int = 5, min_std: float = 1e-9,
                  severity: str = "warning",
                  message: str = "{rule}: {column} = {value:g} on {key}, baseline "
-                                "{mean:g} ± {std:g} (z = {z:.1f})") -> None:
+                                "{mean:g} ± {std:g} (z = {z:.1f})",
+                 max_keys: int = 100_000) -> None:
+        if not isinstance(max_keys, int) or max_keys < 1:
+            raise ValueError(f"EwmaDetector {name!r}: max_keys must be an int >= 1, "
+                             f"got {max_keys!r}")
+        self.max_keys = max_keys
+        self.evictions = 0
         if not 0 < smoothing <= 1:
             raise ValueError(f"EwmaDetector {name!r}: smoothing must be in (0, 1], "
                              f"got {smoothing!r}")
@@ -158,10 +167,15 @@ class EwmaDetector:
             if x is None or not math.isfinite(x):
                 continue
             key = tuple(row[k] for k in key_names)
-            st = self._state.get(key)
+            # re-inserted on every update: the dict's order is least recently updated first
+            st = self._state.pop(key, None)
             if st is None:
                 self._state[key] = [1, float(x), 0.0]
+                if len(self._state) > self.max_keys:
+                    del self._state[next(iter(self._state))]
+                    self.evictions += 1
                 continue
+            self._state[key] = st
             n, mean, var = st
             std = max(math.sqrt(var), self.min_std)
             zscore = (x - mean) / std

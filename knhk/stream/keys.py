@@ -153,6 +153,32 @@ class KeyEncoder:
             lut[p] = self._gid(tuple(reversed(combo)))
         return lut[comb]
 
+    def compact(self, keep: np.ndarray) -> np.ndarray:
+        """Forget every group not in ``keep``; renumber the rest densely.
+
+        Returns ``remap``: for each old group id, its new id, or -1 if it was
+        forgotten. Column values that no kept group uses are forgotten too, so
+        a long-running processor's memory follows its live keys, not every key
+        it has ever seen. Kept groups keep their relative order.
+        """
+        n_old = len(self._tuples)
+        remap = np.full(n_old, -1, np.int64)
+        kept = np.unique(np.asarray(keep, np.int64))
+        kept = kept[(kept >= 0) & (kept < n_old)]
+        remap[kept] = np.arange(kept.size)
+        old_tuples = [self._tuples[g] for g in kept.tolist()]
+        col_maps = []
+        for i, col in enumerate(self._cols):
+            used = sorted({t[i] for t in old_tuples})
+            col_maps.append({c: j for j, c in enumerate(used)})
+            col.values = [col.values[c] for c in used]
+            col.codes = {v: j for j, v in enumerate(col.values)}
+        self._tuples = [tuple(m[c] for m, c in zip(col_maps, t, strict=True))
+                        for t in old_tuples]
+        self._gids = {t: g for g, t in enumerate(self._tuples)}
+        self._tuples_arr = np.empty((0, len(self._cols)), np.int64)
+        return remap
+
     def codes(self, gids: np.ndarray) -> np.ndarray:
         """(len(gids), n_keys) int64 array of each group's per-key codes."""
         if len(self._tuples_arr) != len(self._tuples):

@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 _I64_MAX = np.iinfo(np.int64).max
 _I64_MIN = np.iinfo(np.int64).min
 _ERROR = 2
+#: Group-by keys a processor remembers before it first forgets the dead ones.
+_COMPACT_MIN = 4096
 
 
 def quantile_name(q: float, suffix: str = "duration_ms") -> str:
@@ -128,6 +130,15 @@ class StreamProcessor:
         Duplicate alerts (same rule and key) within this time are suppressed.
     clock : callable, optional
         Wall clock in ns for processing-time windows (``time.time_ns``).
+    max_pending_results : int
+        Result rows kept for :meth:`get_results` before the oldest are
+        discarded (counted as ``results_discarded``), so a processor nobody
+        reads from stays bounded.
+
+    Memory follows the keys of the windows still open: once the group-by keys
+    ever seen outnumber the live ones, the keys no open window holds are
+    forgotten (``keys_forgotten``) and come back with a new group id if seen
+    again.
     """
 
     def __init__(self, window: WindowConfig | None = None, *,
@@ -140,7 +151,8 @@ class StreamProcessor:
                  late_output: Callable[[SpanBatch], Any] | None = None,
                  alert_sinks: Iterable[AlertSink] = (),
                  dedup_seconds: float = 0.0,
-                 clock: Callable[[], int] | None = None) -> None:
+                 clock: Callable[[], int] | None = None,
+                 max_pending_results: int = 100_000) -> None:
         if window is None:
             window = WindowConfig.tumbling(seconds=60)
         if not isinstance(window, WindowConfig):
@@ -174,6 +186,12 @@ class StreamProcessor:
                 raise ValueError(f"custom aggregation {name!r} must be callable")
         if self._custom and mode == "sketch":
             raise ValueError("custom aggregations need the values: use mode='exact'")
+        if not isinstance(max_pending_results, int) or max_pending_results < 1:
+            raise ValueError("max_pending_results must be an int >= 1, got "
+                             f"{max_pending_results!r}")
+        self._max_results = max_pending_results
+        self._pending_rows = 0
+        self._compact_at = _COMPACT_MIN
         self._late_output = late_output
         self._clock = clock or time.time_ns
         self._memory = InMemoryAlertSink()
@@ -323,6 +341,8 @@ class StreamProcessor:
                 self._watermark = max(self._watermark,
                                       int(t.max()) - self.window.allowed_lateness_ns)
             self._close(self._watermark)
+            if len(self._keys._tuples) >= self._compact_at:
+                self._compact_keys()
 
     def poll(self) -> None:
         """Close processing-time windows by the wall clock (called when the pipeline idles)."""
@@ -362,6 +382,7 @@ class StreamProcessor:
         """
         with self._lock:
             tables, self._results = self._results, []
+            self._pending_rows = 0
         table = pa.concat_tables(tables) if tables else self._empty_table()
         if as_table:
             return table
@@ -369,6 +390,35 @@ class StreamProcessor:
         return [WindowResult(row, names) for row in table.to_pylist()]
 
     # -- internals ------------------------------------------------------------------
+
+    def _compact_keys(self) -> None:
+        """Forget the group ids no open window, sketch or session holds."""
+        live = [c["gid"] for c in self._chunks]
+        if self._sketches:
+            live.append(np.fromiter((k[1] for k in self._sketches), np.int64,
+                                    len(self._sketches)))
+        if self._session is not None:
+            live.append(self._session["gid"])
+        gap = self.window.gap_ns if self.window.kind == "session" else 0
+        if self._closed_until.size:
+            # a session's close time matters only while a span before it is not late anyway
+            live.append(np.flatnonzero(
+                self._closed_until > max(self._watermark - gap, int(_I64_MIN))))
+        keep = np.unique(np.concatenate(live)) if live else np.empty(0, np.int64)
+        n_before = len(self._keys._tuples)
+        remap = self._keys.compact(keep)
+        for c in self._chunks:
+            c["gid"] = remap[c["gid"]]
+        self._sketches = {(w, int(remap[g])): e for (w, g), e in self._sketches.items()}
+        if self._session is not None:
+            self._session["gid"] = remap[self._session["gid"]]
+        if self._closed_until.size:
+            kept = remap[:self._closed_until.size] >= 0
+            closed = np.full(keep.size, _I64_MIN, np.int64)
+            closed[remap[:self._closed_until.size][kept]] = self._closed_until[kept]
+            self._closed_until = closed
+        self._bump("keys_forgotten", n_before - keep.size)
+        self._compact_at = max(_COMPACT_MIN, 2 * keep.size)
 
     def _bump(self, name: str, by: int) -> None:
         if by:
@@ -504,12 +554,17 @@ class StreamProcessor:
         slide = self.window.slide_ns
         widx = (starts - w0) // slide
         n_win = int(widx.max()) + 1
-        G = self._keys.n_groups
-        g = widx * G + cat["gid"]
+        # group over the keys present here, not every key ever seen (O(n + keys), no sort)
+        gid = cat["gid"]
+        present = np.bincount(gid, minlength=self._keys.n_groups) > 0
+        keys = np.flatnonzero(present)
+        G = keys.size
+        local = (np.cumsum(present) - 1)[gid] if G < present.size else gid
+        g = widx * G + local
         stats = grouped_stats(g, cat["value"], n_win * G, self.quantiles, scale=self._scale)
         errors = np.bincount(g, weights=cat["err"], minlength=n_win * G)[stats.groups]
         wstart = w0 + (stats.groups // G) * slide
-        self._emit(wstart, wstart + size, stats.groups % G, stats, errors)
+        self._emit(wstart, wstart + size, keys[stats.groups % G], stats, errors)
 
     def _close_sketches(self, limit: int) -> None:
         size = self.window.size_ns
@@ -609,6 +664,11 @@ class StreamProcessor:
         order = np.lexsort((gids, wstart))
         table = pa.table(cols).take(pa.array(order))
         self._results.append(table)
+        self._pending_rows += table.num_rows
+        while self._pending_rows > self._max_results and len(self._results) > 1:
+            old = self._results.pop(0)
+            self._pending_rows -= old.num_rows
+            self._bump("results_discarded", old.num_rows)
         self._bump("windows_closed", len(np.unique(wstart)))
         for det in self._detectors:
             try:

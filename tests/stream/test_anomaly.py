@@ -102,3 +102,14 @@ def test_alert_memory_is_bounded():
     for i in range(50):
         plain.emit(al.Alert("r", "info", "m", i, (str(i),), {}))
     assert plain._last == {}
+
+
+def test_ewma_forgets_the_key_updated_longest_ago():
+    det = EwmaDetector("lat", "p99_duration_ms", max_keys=2, warmup=1)
+    for i, key in enumerate(["a", "b", "a", "c"]):   # "b" is the least recently updated
+        det.observe(table(i, key, "p99_duration_ms", 10.0 + i), ("service",))
+    assert det.evictions == 1
+    assert det.baseline(("b",)) is None
+    assert det.baseline(("a",)) is not None and det.baseline(("c",)) is not None
+    with pytest.raises(ValueError, match="max_keys"):
+        EwmaDetector("x", max_keys=0)

@@ -357,3 +357,72 @@ def test_sketch_mode_counts_values_it_cannot_hold_and_keeps_the_rest():
     [result] = p.get_results()
     assert result.count == 3
     assert p.counters()["value_out_of_sketch_range"] == 1
+
+
+# -- bounded state: keys of closed windows are forgotten ----------------------------
+
+
+def _churning_batches(n_batches=12, keys_per_batch=700, seed=3):
+    """Each batch: one second of spans over keys never seen before, plus a few
+    keys that recur in every batch (they must survive every compaction)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for b in range(n_batches):
+        n = keys_per_batch * 3
+        start = b * S + rng.integers(0, S, n)
+        dur = rng.integers(1, 50_000_000, n)
+        fresh = [f"op-{b}-{i % keys_per_batch}" for i in range(n)]
+        names = [("steady-" + str(i % 3)) if i % 10 == 0 else fresh[i] for i in range(n)]
+        status = rng.choice([0, 2], n, p=[0.9, 0.1])
+        out.append(make_batch(start, dur, name=names, status=status))
+    return out
+
+
+def _table(proc, batches):
+    for batch in batches:
+        proc.process_batch(batch)
+    proc.flush()
+    t = proc.get_results(as_table=True)
+    keys = [c for c in ("window_start", "window_end", "service", "name") if c in t.column_names]
+    return t.sort_by([(k, "ascending") for k in keys])
+
+
+@pytest.mark.parametrize("window, mode", [
+    (WindowConfig.tumbling(seconds=1), "exact"),
+    (WindowConfig.sliding(2, 1), "exact"),
+    (WindowConfig.session(gap=0.5), "exact"),
+    (WindowConfig.tumbling(seconds=1), "sketch"),
+    (WindowConfig.sliding(2, 1), "sketch"),
+])
+def test_forgetting_dead_keys_changes_no_result(window, mode, monkeypatch):
+    batches = _churning_batches()
+    small = StreamProcessor(window, mode=mode)
+    monkeypatch.setattr(knhk.stream.processor, "_COMPACT_MIN", 10**9)
+    remembering = StreamProcessor(window, mode=mode)
+    monkeypatch.setattr(knhk.stream.processor, "_COMPACT_MIN", 1000)
+    small._compact_at = 1000
+    expected = _table(remembering, batches)
+    got = _table(small, batches)
+    assert got.equals(expected)
+    assert small.counters()["keys_forgotten"] > 0
+    assert remembering.counters().get("keys_forgotten", 0) == 0
+    # the compacted processor remembers about the keys of the open windows only
+    distinct = len(set().union(*(b.column("name").to_pylist() for b in batches)))
+    assert len(remembering._keys._tuples) == distinct
+    assert len(small._keys._tuples) < 3 * 700 + 1000 < distinct
+
+
+def test_pending_results_are_bounded_and_the_discarded_counted():
+    proc = StreamProcessor(WindowConfig.tumbling(seconds=1), max_pending_results=50)
+    batches = _churning_batches(n_batches=5, keys_per_batch=20)
+    for batch in batches:
+        proc.process_batch(batch)
+    proc.flush()
+    c = proc.counters()
+    kept = proc.get_results(as_table=True).num_rows
+    per_window = [len(set(b.column("name").to_pylist())) for b in batches]  # one window each
+    assert 0 < kept <= 50 + max(per_window)
+    assert c["results_discarded"] > 0
+    assert kept + c["results_discarded"] == sum(per_window)
+    with pytest.raises(ValueError, match="max_pending_results"):
+        StreamProcessor(max_pending_results=0)
