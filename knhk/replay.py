@@ -59,9 +59,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from knhk.batch import MetricBatch, SpanBatch
-from knhk.errors import CorruptFileError, SchemaError
-from knhk.exporters.ipc import (
+from knhk._ipc_format import (
     CRC_KEY,
     DICT_KEY,
     batch_crc,
@@ -69,6 +67,8 @@ from knhk.exporters.ipc import (
     map_dictionaries,
     parse_deltas,
 )
+from knhk.batch import MetricBatch, SpanBatch
+from knhk.errors import CorruptFileError, SchemaError
 from knhk.schema import METRIC_SCHEMA, SPAN_SCHEMA
 
 logger = logging.getLogger(__name__)

@@ -45,12 +45,10 @@ Example
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +58,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
+from knhk._ipc_format import (
+    CRC_KEY,
+    DICT_KEY,
+    batch_crc,
+    dictionary_paths,
+    format_deltas,
+    map_dictionaries,
+)
 from knhk.batch import MetricBatch, SpanBatch
 from knhk.exporters.base import Exporter, ExportResult
 from knhk.schema import METRIC_SCHEMA, SPAN_SCHEMA
@@ -68,133 +74,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["IpcExporter", "IpcFileWriter"]
 
-#: Custom-metadata keys of each record batch written here.
-CRC_KEY = b"knhk.crc32"
-DICT_KEY = b"knhk.dict"
-
 _COMPRESSIONS = ("lz4", "zstd", None)
 _SIGNALS = {"spans": SPAN_SCHEMA, "metrics": METRIC_SCHEMA}
 _MiB = 1 << 20
-
-
-# -- dictionary-encoded fields, nested ones included ---------------------------------
-
-
-@functools.lru_cache(maxsize=256)
-def has_dictionary(t: pa.DataType) -> bool:
-    """True if ``t`` is, or contains, a dictionary type."""
-    if pa.types.is_dictionary(t):
-        return True
-    if pa.types.is_struct(t):
-        return any(has_dictionary(t.field(i).type) for i in range(t.num_fields))
-    if pa.types.is_list(t) or pa.types.is_large_list(t):
-        return has_dictionary(t.value_type)
-    return False
-
-
-def map_dictionaries(arr: pa.Array, path: str,
-                     fn: Callable[[str, pa.DictionaryArray], pa.DictionaryArray],
-                     empty: Callable[[str, pa.Array], pa.Array] | None = None) -> pa.Array:
-    """Rebuild ``arr`` with ``fn(path, dictionary_array)`` applied to each dictionary inside.
-
-    Paths name fields from the column down, list items by their field name
-    (``attributes.item.key``). Lists are rebuilt over only the child values
-    they reference, so a slice of a large batch costs what the slice holds.
-    Arrays without dictionaries are returned as they are; an empty array is
-    handed to ``empty(path, arr)`` if given (a writer caches those).
-    """
-    t = arr.type
-    if pa.types.is_dictionary(t):
-        return fn(path, arr)
-    if not has_dictionary(t):
-        return arr
-    if empty is not None and len(arr) == 0:
-        return empty(path, arr)
-    mask = arr.is_null() if arr.null_count else None
-    if pa.types.is_struct(t):
-        children = [map_dictionaries(arr.field(i), f"{path}.{t.field(i).name}", fn, empty)
-                    for i in range(t.num_fields)]
-        return pa.StructArray.from_arrays(children, fields=list(t), mask=mask)
-    if pa.types.is_list(t) or pa.types.is_large_list(t):
-        offsets = arr.offsets
-        start = offsets[0].as_py()
-        stop = offsets[-1].as_py()
-        child = map_dictionaries(arr.values.slice(start, stop - start),
-                                 f"{path}.{t.value_field.name}", fn, empty)
-        if start:
-            offsets = pc.subtract(offsets, pa.scalar(start, offsets.type))
-        cls = pa.ListArray if pa.types.is_list(t) else pa.LargeListArray
-        return cls.from_arrays(offsets, child, type=t, mask=mask)
-    raise TypeError(f"field {path!r}: cannot rewrite dictionaries inside {t}")
-
-
-def _dictionary_paths(t: pa.DataType, path: str) -> list[str]:
-    if pa.types.is_dictionary(t):
-        return [path]
-    if pa.types.is_struct(t):
-        return [p for i in range(t.num_fields)
-                for p in _dictionary_paths(t.field(i).type, f"{path}.{t.field(i).name}")]
-    if pa.types.is_list(t) or pa.types.is_large_list(t):
-        return _dictionary_paths(t.value_type, f"{path}.{t.value_field.name}")
-    return []
-
-
-def dictionary_at(rb: pa.RecordBatch, path: str) -> pa.Array:
-    """The dictionary (values) of the dictionary-encoded field at ``path`` in ``rb``."""
-    head, _, rest = path.partition(".")
-    arr: pa.Array = rb.column(head)
-    while rest:
-        name, _, rest = rest.partition(".")
-        t = arr.type
-        if pa.types.is_struct(t):
-            arr = arr.field(name)
-        elif pa.types.is_list(t) or pa.types.is_large_list(t):
-            arr = arr.values
-        else:
-            raise KeyError(path)
-    if not pa.types.is_dictionary(arr.type):
-        raise KeyError(path)
-    return arr.dictionary
-
-
-def update_crc(arr: pa.Array, crc: int) -> int:
-    """CRC-32 of ``arr``'s IPC encoding, continuing from ``crc``.
-
-    The IPC encoder normalizes offsets, slices and bitmaps, so a slice and a
-    fresh array with the same values give the same bytes.
-    """
-    return zlib.crc32(pa.record_batch([arr], names=["v"]).serialize(), crc)
-
-
-def batch_crc(rb: pa.RecordBatch, deltas: list[tuple[str, int, int]]) -> int:
-    """The checksum stored with a batch: its IPC encoding, then its dictionary deltas."""
-    crc = zlib.crc32(rb.serialize())
-    for path, start, stop in deltas:
-        dictionary = dictionary_at(rb, path)
-        if stop > len(dictionary):
-            raise ValueError(f"dictionary delta {path}={start}:{stop} is past the end of "
-                             f"the dictionary ({len(dictionary)} values)")
-        crc = update_crc(dictionary.slice(start, stop - start), crc)
-    return crc
-
-
-def format_deltas(deltas: list[tuple[str, int, int]]) -> bytes:
-    return ",".join(f"{p}={a}:{b}" for p, a, b in deltas).encode()
-
-
-def parse_deltas(raw: bytes) -> list[tuple[str, int, int]]:
-    """Inverse of :func:`format_deltas`; ValueError if ``raw`` is malformed."""
-    out = []
-    for item in raw.decode("ascii").split(","):
-        if not item:
-            continue
-        path, _, span = item.partition("=")
-        start, _, stop = span.partition(":")
-        a, b = int(start), int(stop)
-        if not 0 <= a <= b:
-            raise ValueError(f"bad dictionary delta {item!r}")
-        out.append((path, a, b))
-    return out
 
 
 @dataclass
@@ -228,7 +110,7 @@ class _DictionaryState:
     def _empty(self, path: str, arr: pa.Array) -> pa.Array:
         paths = self._paths_under.get(path)
         if paths is None:
-            paths = self._paths_under[path] = _dictionary_paths(arr.type, path)
+            paths = self._paths_under[path] = dictionary_paths(arr.type, path)
         key = tuple(self.fields[p].version if p in self.fields else -1 for p in paths)
         cached = self._empties.get(path)
         if cached is not None and cached[0] == key:

@@ -559,7 +559,7 @@ class StreamProcessor:
         present = np.bincount(gid, minlength=self._keys.n_groups) > 0
         keys = np.flatnonzero(present)
         G = keys.size
-        local = (np.cumsum(present) - 1)[gid] if G < present.size else gid
+        local = (np.cumsum(present) - 1)[gid] if present.size > G else gid
         g = widx * G + local
         stats = grouped_stats(g, cat["value"], n_win * G, self.quantiles, scale=self._scale)
         errors = np.bincount(g, weights=cat["err"], minlength=n_win * G)[stats.groups]
