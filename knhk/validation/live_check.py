@@ -46,6 +46,8 @@ from knhk.validation.validator import (
     FindingLevel,
     ValidationResult,
     WeaverValidator,
+    _jsonable,
+    _type_name,
 )
 
 __all__ = ["LiveCheck", "LiveCheckInputError", "read_samples"]
@@ -444,7 +446,7 @@ class LiveCheck:
             for key, value, fs in attrs:
                 key = key if key is not None else ""
                 self._seen_attribute(key, fs)
-                attr_samples.append({"name": key, "value": _json_value(value),
+                attr_samples.append({"name": key, "value": _jsonable(value),
                                      "type": _weaver_type(value),
                                      "live_check_result": self._entity("attribute", fs)})
             row_findings = [f for f in report.findings(row)
@@ -477,41 +479,16 @@ class LiveCheck:
 _INSTRUMENTS = {1: "gauge", 2: "counter", 3: "updowncounter", 4: "histogram"}
 
 
-def _json_value(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, list):
-        return [_json_value(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _json_value(v) for k, v in value.items()}
-    return value
-
-
 def _weaver_type(value: Any) -> str | None:
-    """The type Weaver infers from a JSON value (None if it infers none)."""
-    if value is None or isinstance(value, dict | bytes):
+    """The type Weaver infers from a JSON value (None where it infers none).
+
+    The inference of :func:`knhk.validation.validator._type_name`, except that
+    JSON has no bytes, and objects and mixed arrays get no type at all.
+    """
+    if isinstance(value, dict | bytes):
         return None
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "int"
-    if isinstance(value, float):
-        return "double"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        vals = [v for v in value if v is not None]
-        if not vals:
-            return None
-        if all(isinstance(v, bool) for v in vals):
-            return "boolean[]"
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
-            return "int[]"
-        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in vals):
-            return "double[]"
-        if all(isinstance(v, str) for v in vals):
-            return "string[]"
-    return None
+    inferred = _type_name(value)
+    return None if inferred == "any" else inferred
 
 
 def run(validator: WeaverValidator, path: str, input_format: str = "auto",
