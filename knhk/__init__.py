@@ -21,7 +21,13 @@ from knhk.errors import (
     RegistryError,
     SchemaError,
 )
-from knhk.exporters import Exporter, ExportResult, InMemoryExporter, IpcExporter
+from knhk.exporters import (
+    Exporter,
+    ExportResult,
+    InMemoryExporter,
+    IpcExporter,
+    PrometheusExporter,
+)
 from knhk.pipeline import (
     EventStream,
     PipelineBuilder,
@@ -143,6 +149,7 @@ __all__ = [
     "PipelineClosedError",
     "PipelineStats",
     "Policy",
+    "PrometheusExporter",
     "RegistryError",
     "RetryConfig",
     "Sampler",

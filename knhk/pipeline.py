@@ -405,10 +405,15 @@ class TelemetryPipeline:
         self._worker = threading.Thread(target=self._run, name="knhk-pipeline", daemon=True)
         self._worker.start()
         # Exporters that report on the pipeline itself (its stats) learn which one.
-        for exporter in config._exporters:
-            bind = getattr(exporter, "bind_pipeline", None)
-            if callable(bind):
-                bind(self)
+        # One that cannot (a scrape port in use) fails the build: nothing keeps running.
+        try:
+            for exporter in config._exporters:
+                bind = getattr(exporter, "bind_pipeline", None)
+                if callable(bind):
+                    bind(self)
+        except BaseException:
+            self.shutdown(timeout=1.0)
+            raise
 
     # -- input -------------------------------------------------------------------
 

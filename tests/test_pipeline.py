@@ -639,3 +639,22 @@ def test_an_exporter_stage_sees_every_span_before_sampling(pipeline_factory):
     assert sum(seen) == 10                      # the stage saw all ten ...
     assert exporter.spans().num_rows == 0       # ... the exporter none (sampled out)
     assert p.stats().events_sampled_out == 10
+
+
+def test_a_failing_bind_leaves_no_thread_running():
+    class Unbindable(knhk.InMemoryExporter):
+        name = "unbindable"
+
+        def bind_pipeline(self, pipeline):
+            raise OSError("port 9464 is in use")
+
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(OSError, match="in use"):
+        knhk.TelemetryPipeline.builder().with_exporter(Unbindable()).build()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        left = {t.name for t in threading.enumerate() if t.is_alive()} - before
+        if not left:
+            break
+        time.sleep(0.01)
+    assert not left

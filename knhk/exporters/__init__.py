@@ -3,6 +3,7 @@
 from knhk.exporters.base import Exporter, ExporterStats, ExportResult
 from knhk.exporters.ipc import IpcExporter
 from knhk.exporters.memory import InMemoryExporter
+from knhk.exporters.prometheus import PrometheusExporter
 
 __all__ = [
     "ExportResult",
@@ -12,6 +13,7 @@ __all__ = [
     "IpcExporter",
     "OtlpConfig",
     "OtlpExporter",
+    "PrometheusExporter",
     "RetryConfig",
 ]
 
