@@ -762,6 +762,20 @@ class TelemetryPipeline:
     def closed(self) -> bool:
         return self._closed
 
+    def processing_latencies(self, since: int = 0) -> tuple[int, np.ndarray]:
+        """Per-batch processing latencies (µs) of the batches after the ``since``-th.
+
+        Returns ``(batches_processed, latencies)``: pass the first back as
+        ``since`` next time to get only newer batches (a histogram exporter
+        folds them in). Only the most recent batches are kept (the window of
+        the p99 in :meth:`stats`); older ones beyond it are not returned.
+        """
+        with self._lock:
+            done = self._batches_processed
+            new = min(max(done - int(since), 0), len(self._latency))
+            lat = [self._latency[-new + j] for j in range(new)] if new else []
+        return done, np.asarray(lat, dtype=np.float64)
+
     def stats(self) -> PipelineStats:
         ring = self._ring
         drops = ring.dropped_counts()

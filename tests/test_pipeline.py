@@ -658,3 +658,17 @@ def test_a_failing_bind_leaves_no_thread_running():
             break
         time.sleep(0.01)
     assert not left
+
+
+def test_processing_latencies_returns_only_newer_batches(pipeline_factory):
+    p = pipeline_factory(lambda b: b.with_batch_size(2))
+    assert p.processing_latencies() == (0, pytest.approx(np.empty(0)))
+    p.record_spans(knhk.Span("a", trace_id=i, span_id=i) for i in range(1, 7))
+    assert p.force_flush(5)
+    done, lat = p.processing_latencies()
+    assert done == p.stats().batches_processed == 3 and lat.shape == (3,)
+    assert (lat >= 0).all()
+    p.record_spans(knhk.Span("a", trace_id=i, span_id=i) for i in range(7, 9))
+    assert p.force_flush(5)
+    done2, newer = p.processing_latencies(done)
+    assert done2 == 4 and newer.shape == (1,)

@@ -550,24 +550,16 @@ class PrometheusExporter(Exporter):
     def _fold_latency(self) -> None:
         """Add the batches processed since the last look to the latency histogram.
 
-        ``pipeline.stats()`` has only the mean and p99 of a window; the histogram
-        reads the pipeline's window of recent latencies (``_latency``, appended
-        once per batch with ``_batches_processed`` under ``_lock``) and takes the
-        newest entries. Batches that left the window unseen (more than its
-        length between two looks) are counted in ``knhk_pipeline_batches_
-        processed_total`` only.
+        Batches that left the pipeline's window of recent latencies unseen (more
+        than its length between two looks) are counted in
+        ``knhk_pipeline_batches_processed_total`` only.
         """
         p = self._pipeline
-        lat, lock = getattr(p, "_latency", None), getattr(p, "_lock", None)
-        if lat is None or lock is None:
+        if p is None:
             return
-        with lock:
-            done = int(getattr(p, "_batches_processed", 0))
-            new = min(done - self._latency_seen, len(lat))
-            vals = [lat[-1 - j] for j in range(new)] if new > 0 else []
-            self._latency_seen = done
-        if vals:
-            v = np.asarray(vals) / 1e6  # microseconds -> seconds
+        self._latency_seen, lat_us = p.processing_latencies(self._latency_seen)
+        if lat_us.size:
+            v = lat_us / 1e6  # microseconds -> seconds
             b = np.asarray(self._latency.bounds)
             counts = np.bincount(np.searchsorted(b, v, side="left"), minlength=len(b) + 1)
             i = self._latency.series(())
