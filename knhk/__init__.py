@@ -26,6 +26,7 @@ from knhk.exporters import (
     ExportResult,
     InMemoryExporter,
     IpcExporter,
+    JaegerExporter,
     PrometheusExporter,
 )
 from knhk.pipeline import (
@@ -135,6 +136,7 @@ __all__ = [
     "Exporter",
     "InMemoryExporter",
     "IpcExporter",
+    "JaegerExporter",
     "KnhkError",
     "Matcher",
     "MetricBatch",

@@ -8,7 +8,8 @@ from types import ModuleType
 from knhk.errors import BuildError
 
 #: The compiled modules of knhk._core, in the order ``knhk info`` lists them.
-CORE_MODULES = ("_span", "_ringbuffer", "_sampling", "_validate", "_tracing", "_otlp", "_sketch")
+CORE_MODULES = ("_span", "_ringbuffer", "_sampling", "_validate", "_tracing", "_otlp", "_sketch",
+                "_jaeger")
 
 _HOW = (
     "knhk's compiled core is missing or was built for another Python/NumPy. "

@@ -2,6 +2,7 @@
 
 from knhk.exporters.base import Exporter, ExporterStats, ExportResult
 from knhk.exporters.ipc import IpcExporter
+from knhk.exporters.jaeger import JaegerExporter
 from knhk.exporters.memory import InMemoryExporter
 from knhk.exporters.prometheus import PrometheusExporter
 
@@ -11,6 +12,7 @@ __all__ = [
     "ExporterStats",
     "InMemoryExporter",
     "IpcExporter",
+    "JaegerExporter",
     "OtlpConfig",
     "OtlpExporter",
     "PrometheusExporter",
