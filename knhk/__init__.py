@@ -11,6 +11,7 @@ True
 """
 
 from knhk._enums import BackpressureStrategy, DropReason, SpanKind, SpanStatus
+from knhk.analysis import Dataset, open_dataset
 from knhk.batch import MetricBatch, SpanBatch
 from knhk.errors import (
     BatchTooLargeError,
@@ -90,11 +91,17 @@ from knhk.validation import (
 
 __version__ = "0.1.0"
 
+#: ``knhk.open("knhk-data/*.arrow")``: a recording as a :class:`Dataset`. Not in
+#: ``__all__``, so ``from knhk import *`` leaves the built-in ``open`` alone.
+open = open_dataset
+
 # OTLP pulls in grpcio and protobuf (~0.2 s): imported on first use, not with knhk.
 _LAZY = {
     "OtlpConfig": "knhk.exporters.otlp",
     "OtlpExporter": "knhk.exporters.otlp",
     "RetryConfig": "knhk.exporters._retry",
+    "KnhkSpanProcessor": "knhk.otel",
+    "KnhkSpanExporter": "knhk.otel",
     "OtlpGrpcReceiver": "knhk.receivers",
     "OtlpHttpReceiver": "knhk.receivers",
 }
@@ -130,6 +137,7 @@ __all__ = [
     "CriticalPath",
     "CriticalPathSection",
     "DDSketch",
+    "Dataset",
     "DropReason",
     "EventStream",
     "ExportResult",
@@ -138,6 +146,8 @@ __all__ = [
     "IpcExporter",
     "JaegerExporter",
     "KnhkError",
+    "KnhkSpanExporter",
+    "KnhkSpanProcessor",
     "Matcher",
     "MetricBatch",
     "MetricKind",
