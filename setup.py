@@ -1,7 +1,9 @@
 """Build the Cython kernels in knhk/_core.
 
 Directives are set once here. ``KNHK_CYTHON_DEBUG=1`` turns bounds checking
-and wraparound back on for debugging a kernel.
+and wraparound back on for debugging a kernel. ``KNHK_BUILD_ONLY=_span,_otlp``
+builds only those kernels (``python setup.py build_ext --inplace`` while
+another kernel's source is half-edited).
 """
 
 import os
@@ -34,6 +36,9 @@ extensions = [
     )
     for path in sorted(Path("knhk/_core").glob("*.pyx"))
 ]
+ONLY = {m.strip() for m in os.environ.get("KNHK_BUILD_ONLY", "").split(",") if m.strip()}
+if ONLY:
+    extensions = [e for e in extensions if e.name.rsplit(".", 1)[1] in ONLY]
 
 
 

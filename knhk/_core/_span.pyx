@@ -12,6 +12,8 @@ from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
 
 cimport cython
 
+from collections.abc import Mapping
+
 from knhk._enums import SpanKind as _SpanKind, SpanStatus as _SpanStatus
 
 cdef tuple _KINDS = tuple(_SpanKind)
@@ -112,7 +114,8 @@ cdef class Span:
     kind : SpanKind
     status : SpanStatus
     service : str, optional
-        The resource's ``service.name``; the pipeline's service name if None.
+        The resource's ``service.name``: if None, the ``service.name`` of
+        ``resource_attributes``, else the pipeline's service name.
 
     Examples
     --------
@@ -135,9 +138,9 @@ cdef class Span:
             self.parent_span_id = normalize_id(parent_span_id, 8, "parent_span_id")
         if attributes is not None:
             if type(attributes) is not dict:
-                if not isinstance(attributes, dict):
+                if not isinstance(attributes, Mapping):
                     raise TypeError(
-                        f"attributes must be a dict, got {type(attributes).__name__}")
+                        f"attributes must be a mapping, got {type(attributes).__name__}")
                 attributes = dict(attributes)
             self.attributes = <dict>attributes
 
@@ -190,10 +193,15 @@ cdef class Span:
                 f"scope_version must be a str, got {type(scope_version).__name__}")
         self.scope_version = scope_version
         if resource_attributes is not None:
-            if not isinstance(resource_attributes, dict):
-                raise TypeError(f"resource_attributes must be a dict, "
+            if not isinstance(resource_attributes, Mapping):
+                raise TypeError(f"resource_attributes must be a mapping, "
                                 f"got {type(resource_attributes).__name__}")
             self.resource_attributes = dict(resource_attributes)
+            if service is None:
+                # the resource names the service, as in OTLP
+                named = self.resource_attributes.get("service.name")
+                if isinstance(named, str):
+                    self.service = named
         if events is not None:
             self.events = [_as_event(e, i) for i, e in enumerate(events)] or None
         if links is not None:

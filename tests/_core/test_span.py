@@ -404,3 +404,20 @@ def test_every_span_field_roundtrips():
     assert same(back.links[0].attributes, {"y": b"z"})
     assert (back.scope_name, back.scope_version, back.trace_state, back.flags) == \
         ("lib", "1.0", "a=b", 1)
+
+
+def test_service_defaults_to_the_resource_service_name():
+    import types
+
+    s = knhk.Span("a", trace_id=1, span_id=1, resource_attributes={"service.name": "cart"})
+    assert s.service == "cart"
+    given = knhk.Span("a", trace_id=1, span_id=1, service="front",
+                      resource_attributes={"service.name": "cart"})
+    assert given.service == "front"
+    batch = knhk.SpanBatch.from_spans([s, knhk.Span("b", trace_id=1, span_id=2)])
+    assert batch.column("service").to_pylist() == ["cart", "unknown_service"]
+    # any mapping is accepted, and copied
+    attrs = types.MappingProxyType({"k": 1})
+    assert knhk.Span("a", trace_id=1, span_id=1, attributes=attrs).attributes == {"k": 1}
+    with pytest.raises(TypeError, match="attributes must be a mapping"):
+        knhk.Span("a", trace_id=1, span_id=1, attributes=[("k", 1)])
