@@ -1,18 +1,22 @@
-"""The ``knhk`` command: info, generate, replay, demo, registry.
+"""The ``knhk`` command: serve, validate-config, generate, replay, stats, demo, info, registry.
 
 Only this module prints. Each subcommand is a function taking parsed
 arguments and returning an exit code, so tests call ``main([...])`` directly.
+A user mistake (a bad config, a port in use, a glob matching nothing) is a
+one-line error on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import itertools
 import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 __all__ = ["main"]
@@ -101,33 +105,114 @@ def _stats_rows(stats: Any) -> list[tuple[str, Any]]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from knhk import workload
-    from knhk.exporters.ipc import IpcFileWriter
-    from knhk.schema import SPAN_SCHEMA
 
+    if args.out is None and args.otlp is None:
+        print("knhk generate: error: give --out FILE, --otlp HOST:PORT, or both",
+              file=sys.stderr)
+        return 2
+    if args.batch_size is None:
+        # an OTLP request must stay under the receivers' 4 MiB limit
+        args.batch_size = 512 if args.otlp else 10_000
+    if args.batch_size < 1:
+        print("knhk generate: error: --batch-size must be >= 1", file=sys.stderr)
+        return 2
     config = workload.WorkloadConfig(seed=args.seed, services=args.services,
                                      error_rate=args.error_rate, slow_rate=args.slow_rate)
-    out = args.out
-    directory = os.path.dirname(os.path.abspath(out))
-    os.makedirs(directory, exist_ok=True)
+    sinks: list[Any] = []
+    if args.out is not None:
+        sinks.append(_FileSink(args.out, args.compression))
+    if args.otlp is not None:
+        sinks.append(_OtlpSink(args.otlp, args.otlp_protocol, args.otlp_retry_for))
     started = time.perf_counter()
     done = 0
-    if os.path.exists(out):
-        os.remove(out)  # the writer never truncates a file; generate replaces it on purpose
-    with IpcFileWriter(out, SPAN_SCHEMA,
-                       compression=None if args.compression == "none" else args.compression
-                       ) as writer:
+    try:
         for batch in workload.generate_batches(args.spans, config=config,
                                                batch_size=args.batch_size):
-            writer.write(batch)
+            for sink in sinks:
+                sink.write(batch)
             done += batch.num_rows
             _progress(done, args.spans, started)
+    finally:
+        status = 0
+        for sink in sinks:
+            status = max(status, sink.close())
     elapsed = time.perf_counter() - started
     if sys.stderr.isatty():
         sys.stderr.write("\n")
-    size = os.path.getsize(out)
-    print(f"wrote {done:,} spans to {out} ({size:,} bytes, {size / max(done, 1):.1f} bytes/span, "
-          f"{args.compression}) in {elapsed:.2f} s")
-    return 0
+    for sink in sinks:
+        print(sink.report(done, elapsed))
+    return status
+
+
+class _FileSink:
+    def __init__(self, out: str, compression: str) -> None:
+        from knhk.exporters.ipc import IpcFileWriter
+        from knhk.schema import SPAN_SCHEMA
+
+        self.out = out
+        self.compression = compression
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        if os.path.exists(out):
+            os.remove(out)  # the writer never truncates a file; generate replaces it on purpose
+        self.writer = IpcFileWriter(out, SPAN_SCHEMA,
+                                    compression=None if compression == "none" else compression)
+
+    def write(self, batch: Any) -> None:
+        self.writer.write(batch)
+
+    def close(self) -> int:
+        self.writer.close()
+        return 0
+
+    def report(self, done: int, elapsed: float) -> str:
+        size = os.path.getsize(self.out)
+        return (f"wrote {done:,} spans to {self.out} ({size:,} bytes, "
+                f"{size / max(done, 1):.1f} bytes/span, {self.compression}) in {elapsed:.2f} s")
+
+
+class _OtlpSink:
+    """Sends the generated batches with knhk's OtlpExporter (retrying as OTLP says)."""
+
+    def __init__(self, endpoint: str, protocol: str, retry_for: float) -> None:
+        from knhk.exporters._retry import RetryConfig
+        from knhk.exporters.otlp import OtlpConfig, OtlpExporter
+
+        if protocol == "grpc":
+            target = endpoint
+        else:
+            base = endpoint if "://" in endpoint else "http://" + endpoint
+            target = base.rstrip("/") + ("" if base.rstrip("/").endswith("/v1/traces")
+                                         else "/v1/traces")
+        self.label = f"{endpoint} (OTLP {protocol})"
+        self.exporter = OtlpExporter(OtlpConfig(
+            endpoint=target, protocol=protocol, insecure=True, queue_size=64, consumers=2,
+            retry=RetryConfig(initial_interval=min(0.2, retry_for / 4), max_interval=2.0,
+                              max_elapsed_time=retry_for)))
+        self.submitted = 0
+
+    def write(self, batch: Any) -> None:
+        e = self.exporter
+        # keep the sending queue from filling (a full queue fails the batch, counted)
+        while self.submitted - e.batches_exported - e.export_errors >= 32:
+            time.sleep(0.002)
+        e.export(batch)
+        self.submitted += 1
+
+    def close(self) -> int:
+        self.exporter.force_flush(60.0)
+        self.exporter.shutdown(5.0)
+        e = self.exporter
+        return 0 if not (e.spans_failed or e.spans_rejected) else 1
+
+    def report(self, done: int, elapsed: float) -> str:
+        e = self.exporter
+        line = (f"sent {e.spans_exported:,} of {done:,} spans to {self.label} "
+                f"in {elapsed:.2f} s")
+        lost = e.spans_failed + e.spans_rejected
+        if lost:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(e.errors_by_reason.items()))
+            line += f"; {lost:,} not delivered ({reasons or 'rejected by the server'})"
+        return line
 
 
 def _build_pipeline(args: argparse.Namespace, exporters: list[Any],
@@ -151,37 +236,156 @@ def _build_pipeline(args: argparse.Namespace, exporters: list[Any],
     return builder.build()
 
 
+def _replay_progress(paths: list[str], started: float) -> Any:
+    """A progress callback drawing a bar over the files (with a live span count)."""
+    sizes = [os.path.getsize(p) for p in paths]
+    total = max(sum(sizes), 1)
+
+    def draw(spans: int, files_done: int) -> None:
+        if not sys.stderr.isatty():
+            return
+        frac = min(1.0, sum(sizes[:files_done]) / total)
+        rate = spans / max(time.perf_counter() - started, 1e-9)
+        bar = "#" * int(frac * 30)
+        sys.stderr.write(f"\r[{bar:<30}] {files_done}/{len(paths)} files {spans:,} spans "
+                         f"{rate:,.0f}/s")
+        sys.stderr.flush()
+    return draw
+
+
+class _FanOut:
+    """Feeds replayed spans to every traces pipeline of a config, metric points to
+    its metrics pipelines (or, without one, its traces pipelines)."""
+
+    def __init__(self, pipelines: dict[str, Any]) -> None:
+        from knhk.serve.config import component_type
+
+        self.traces = [p for pid, p in pipelines.items() if component_type(pid) == "traces"]
+        metrics = [p for pid, p in pipelines.items() if component_type(pid) == "metrics"]
+        self.metrics = metrics or self.traces
+
+    def record_batch(self, batch: Any) -> int:
+        taken = [p.record_batch(batch) for p in self.traces]
+        return min(taken) if taken else 0
+
+    def record_metric_batch(self, batch: Any) -> int:
+        taken = [p.record_metric_batch(batch) for p in self.metrics]
+        return min(taken) if taken else 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
+    from knhk import replay
+
+    paths = replay._expand(args.files)  # a glob matching nothing fails here, before any work
+    if not args.config:
+        return _replay(args, paths, None)
+    from knhk.serve import load_config
+
+    config = load_config(args.config)
+    with _logging_from(config, quiet=True):
+        return _replay(args, paths, config)
+
+
+def _replay(args: argparse.Namespace, paths: list[str], config: dict[str, Any] | None) -> int:
     from knhk import replay
     from knhk.errors import CorruptFileError
 
+    built = None
     counter = _CountingExporter()
-    pipeline = _build_pipeline(args, [counter])
+    if config is not None:
+        from knhk.serve import components
+
+        # the pipelines only: replay brings the spans, so no receiver listens
+        built = components.build(config)
+        pipelines = built.pipelines
+        target: Any = _FanOut(pipelines)
+    else:
+        pipeline = _build_pipeline(args, [counter])
+        pipelines = {"replay": pipeline}
+        target = pipeline
     started = time.perf_counter()
+    draw = _replay_progress(paths, started)
+    files_done = [0]
+
+    def progress(n: int) -> None:
+        draw(n, files_done[0])
+
     status = 0
+    result = None
+    stats_so_far = replay.ReplayStats()
     try:
-        result = replay.replay(args.files, pipeline, speed=None if args.max else args.speed,
-                               progress=lambda n: _progress(n, None, started))
+        # one file at a time, so the bar can advance per file
+        for path in paths:
+            one = replay.replay(path, target, speed=None if args.max else args.speed,
+                                progress=lambda n: progress(stats_so_far.spans + n))
+            files_done[0] += 1
+            _add_replay_stats(stats_so_far, one)
+        result = stats_so_far
     except CorruptFileError as exc:
         print(f"knhk replay: error: {exc}", file=sys.stderr)
         status = 2
-        result = getattr(exc, "replay_stats", None)
+        partial = getattr(exc, "replay_stats", None)
+        if partial is not None:
+            _add_replay_stats(stats_so_far, partial)
+        result = stats_so_far
     except (OSError, ValueError) as exc:
         print(f"knhk replay: error: {exc}", file=sys.stderr)
-        pipeline.shutdown()
+        for p in pipelines.values():
+            p.shutdown()
         return 2
-    pipeline.shutdown()
+    elapsed = time.perf_counter() - started
+    ok = all(p.shutdown(60.0) for p in pipelines.values())
     if sys.stderr.isatty():
         sys.stderr.write("\n")
-    stats = pipeline.stats()
     rows: list[tuple[str, Any]] = []
     if result is not None:
         rows += [("files", result.files), ("batches read", result.batches),
-                 ("spans read", result.spans), ("elapsed (s)", result.elapsed_s),
-                 ("spans/s", result.spans / max(result.elapsed_s, 1e-9))]
-    rows += _stats_rows(stats)
+                 ("spans read", result.spans)]
+        if result.metric_points:
+            rows.append(("metric points read", result.metric_points))
+        rows += [("elapsed (s)", elapsed), ("spans/s", result.spans / max(elapsed, 1e-9))]
+    for pid, p in pipelines.items():
+        if len(pipelines) > 1:
+            rows.append((f"pipeline {pid}", ""))
+        rows += _stats_rows(p.stats())
     print(_table(rows))
+    if built is not None:
+        _print_analyses(built)
+    if status == 0 and not ok:
+        print("knhk replay: error: the pipeline did not finish within 60 s", file=sys.stderr)
+        status = 1
     return status
+
+
+def _add_replay_stats(total: Any, one: Any) -> None:
+    for name in ("files", "batches", "spans", "metric_points", "bytes_read", "rows_accepted",
+                 "metric_points_accepted"):
+        setattr(total, name, getattr(total, name) + getattr(one, name))
+    total.elapsed_s += one.elapsed_s
+
+
+def _print_analyses(built: Any) -> None:
+    """The slowest operations of each RED window processor; the busiest service-graph edges."""
+    import pyarrow.compute as pc
+
+    for label, proc in built.stream_processors.items():
+        results = proc.get_results(as_table=True)
+        if not results.num_rows or "p99_duration_ms" not in results.column_names:
+            continue
+        top = results.sort_by([("p99_duration_ms", "descending")]).slice(0, 5)
+        print(f"slowest operations ({label}, per window, before sampling):")
+        print(_table([(f"{r.get('service', '')} {r.get('name', '')}".strip(),
+                       f"p99 {r['p99_duration_ms']:8.1f} ms  errors {r['error_rate']:6.1%}  "
+                       f"n={r['count']}") for r in top.to_pylist()]))
+    for label, graph in built.service_graphs.items():
+        edges = graph.edges()
+        if not edges.num_rows:
+            continue
+        top = edges.take(pc.sort_indices(edges, [("calls", "descending")])).slice(0, 5)
+        print(f"busiest service-graph edges ({label}, {graph.traces:,} traces):")
+        print(_table([(f"{r['client']} -> {r['server']}",
+                       f"calls {r['calls']:,}  errors {r['errors']:,}  "
+                       f"avg {r['latency_avg_ms']:.1f} ms") for r in top.to_pylist()]))
 
 
 class _CountingExporter:
@@ -266,14 +470,236 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _default_registry() -> str | None:
     """``./registry``, else the registry bundled with the package (or beside a source tree)."""
-    package = os.path.dirname(os.path.abspath(__file__))
-    for candidate in (os.path.join(os.getcwd(), "registry"),
-                      os.path.join(package, "_registry"),
-                      os.path.join(os.path.dirname(package), "registry")):
-        if os.path.isfile(os.path.join(candidate, "registry_manifest.yaml")) or \
-                os.path.isfile(os.path.join(candidate, "manifest.yaml")):
-            return candidate
-    return None
+    from knhk.serve.components import default_registry
+
+    return default_registry()
+
+
+# -- serve, validate-config, stats ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _logging_from(config: dict[str, Any], quiet: bool = False) -> Iterator[None]:
+    """Log as ``service.telemetry.logs`` says while the command runs, then restore
+    the root logger (tests call commands in-process)."""
+    import logging
+
+    from knhk.serve import configure_logging
+
+    logs = ((config.get("service") or {}).get("telemetry") or {}).get("logs") or {}
+    root = logging.getLogger()
+    level = root.level
+    handler = configure_logging(logs.get("level", "warning" if quiet else "info"),
+                                logs.get("encoding", "console"))
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def _load(path: str | None) -> dict[str, Any]:
+    from knhk.serve import default_config, load_config, validate_config
+
+    if path is None:
+        config = default_config()
+        validate_config(config)
+        return config
+    return load_config(path)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import yaml
+
+    config = _load(args.config)
+    if args.print_config:
+        print(yaml.safe_dump(config, sort_keys=False), end="")
+        return 0
+    with _logging_from(config):
+        return _serve(args, config)
+
+
+def _serve(args: argparse.Namespace, config: dict[str, Any]) -> int:
+    import signal
+    import threading
+
+    from knhk.serve import Server
+
+    server = Server(config)
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        received.append(signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.start()
+        print(f"knhk serve: {args.config or 'embedded default config'}")
+        for rid, protocol, address in server.built.listening:
+            print(f"  listening  {protocol:<11} {address:<24} ({rid})")
+        if server.health is not None:
+            print(f"  health     {'HTTP':<11} {server.health.url:<24} (health_check)")
+        for label, what in server.built.writing:
+            print(f"  pipeline   {label}: {what}")
+        print("ready; SIGTERM or Ctrl-C to stop", flush=True)
+        while not stop.wait(0.2):
+            pass
+        print(f"knhk serve: {signal.Signals(received[0]).name} received, shutting down "
+              f"(at most {server.shutdown_timeout:g} s)", flush=True)
+        # a second signal during shutdown must not kill the flush half way
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        ok = server.shutdown()
+    finally:
+        if server.state == "serving":  # an exception after start: still flush what came in
+            server.shutdown(5.0)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    rows: list[tuple[str, Any]] = []
+    for pid, s in server.summary().items():
+        rows += [(f"{pid}: spans received", s["events_received"]),
+                 (f"{pid}: spans processed", s["events_processed"]),
+                 (f"{pid}: spans dropped", s["events_dropped"]),
+                 (f"{pid}: spans sampled out", s["events_sampled_out"]),
+                 (f"{pid}: validation errors", s["validation_errors"]),
+                 (f"{pid}: export errors", s["export_errors"])]
+        rows += [(f"{pid}: exported by {k}", v) for k, v in s["exported"].items()]
+    if rows:
+        print(_table(rows))
+    if server.built is not None:
+        _print_analyses(server.built)
+    if not ok:
+        print("knhk serve: error: shutdown timed out; some spans were not exported",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_validate_config(args: argparse.Namespace) -> int:
+    from knhk.serve.config import load_config
+
+    status = 0
+    for path in args.files:
+        try:
+            config = load_config(path)
+        except ValueError as exc:
+            print(f"knhk validate-config: error: {exc}", file=sys.stderr)
+            status = 2
+            continue
+        pipelines = (config.get("service") or {}).get("pipelines") or {}
+        parts = ", ".join(
+            f"{pid} ({len((b or {}).get('receivers') or [])} receivers, "
+            f"{len((b or {}).get('processors') or [])} processors, "
+            f"{len((b or {}).get('exporters') or [])} exporters)"
+            for pid, b in pipelines.items())
+        print(f"{path}: OK: {parts}")
+    return status
+
+
+def _recording_summary(paths: list[str]) -> dict[str, Any]:
+    """Spans, traces, services, time range, error rate and top operations of a recording.
+
+    knhk's own reading (``knhk.replay.read_batches``), used while
+    ``knhk.analysis.open_dataset`` is not available.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from knhk.batch import SpanBatch
+    from knhk.replay import read_batches
+
+    spans = errors = metric_points = 0
+    trace_ids: set[bytes] = set()
+    services: set[str] = set()
+    start = end = None
+    parts = []
+    for batch in read_batches(paths):
+        if not isinstance(batch, SpanBatch):
+            metric_points += batch.num_rows
+            continue
+        rb = batch.record_batch
+        if not rb.num_rows:
+            continue
+        spans += rb.num_rows
+        trace_ids.update(pc.unique(rb.column("trace_id")).to_pylist())
+        svc = rb.column("service")
+        svc = svc.dictionary_decode() if pa.types.is_dictionary(svc.type) else svc
+        name = rb.column("name")
+        name = name.dictionary_decode() if pa.types.is_dictionary(name.type) else name
+        services.update(s for s in pc.unique(svc).to_pylist() if s is not None)
+        st = rb.column("start_time_ns").cast(pa.int64())
+        en = rb.column("end_time_ns").cast(pa.int64())
+        lo, hi = pc.min(st).as_py(), pc.max(en).as_py()
+        start = lo if start is None else min(start, lo)
+        end = hi if end is None else max(end, hi)
+        errors += int(pc.sum(pc.equal(rb.column("status_code"), 2)).as_py() or 0)
+        dur = pc.divide(pc.subtract(en, st).cast(pa.float64()), 1e6)
+        parts.append(pa.table({"service": svc.cast(pa.string()), "name": name.cast(pa.string()),
+                               "duration_ms": dur}))
+    top = pa.table({"service": pa.array([], pa.string()), "name": pa.array([], pa.string()),
+                    "count": pa.array([], pa.int64()), "p99_ms": pa.array([], pa.float64())})
+    if parts:
+        t = pa.concat_tables(parts).sort_by([("service", "ascending"), ("name", "ascending")])
+        svc = t.column("service").to_numpy(zero_copy_only=False)
+        nm = t.column("name").to_numpy(zero_copy_only=False)
+        dur = t.column("duration_ms").to_numpy()
+        change = np.r_[True, (svc[1:] != svc[:-1]) | (nm[1:] != nm[:-1])]
+        first = np.flatnonzero(change)
+        bounds = np.r_[first, len(t)]
+        p99 = [float(np.percentile(dur[a:b], 99)) for a, b in itertools.pairwise(bounds)]
+        top = pa.table({"service": pa.array(svc[first], pa.string()),
+                        "name": pa.array(nm[first], pa.string()),
+                        "count": pa.array(np.diff(bounds), pa.int64()),
+                        "p99_ms": pa.array(p99, pa.float64())}
+                       ).sort_by([("p99_ms", "descending")])
+    return {"spans": spans, "traces": len(trace_ids), "services": len(services),
+            "start_ns": start, "end_ns": end, "error_rate": errors / spans if spans else 0.0,
+            "top_operations": top, "metric_points": metric_points}
+
+
+def _summary(paths: list[str]) -> dict[str, Any]:
+    try:
+        from knhk.analysis import open_dataset
+    except ImportError:
+        return _recording_summary(paths)
+    return open_dataset(paths).summary()
+
+
+def _fmt_ns(ns: int | None) -> str:
+    import datetime as dt
+
+    if ns is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ns / 1e9, dt.UTC).isoformat(
+        timespec="milliseconds").replace("+00:00", "Z")
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from knhk import replay
+
+    paths: list[str] = []
+    for item in args.files:
+        paths.extend(replay._expand(item))
+    summary = _summary(paths)
+    start, end = summary.get("start_ns"), summary.get("end_ns")
+    rows: list[tuple[str, Any]] = [
+        ("files", len(paths)), ("spans", summary["spans"]), ("traces", summary["traces"]),
+        ("services", summary["services"]), ("first span start", _fmt_ns(start)),
+        ("last span end", _fmt_ns(end)),
+        ("time span (s)", (end - start) / 1e9 if start is not None and end is not None else 0.0),
+        ("error rate", f"{summary['error_rate']:.2%}")]
+    if summary.get("metric_points"):
+        rows.append(("metric points", summary["metric_points"]))
+    print(_table(rows))
+    top = summary["top_operations"]
+    if top.num_rows:
+        print("top operations by p99:")
+        print(_table([(f"{r['service']} {r['name']}", f"p99 {r['p99_ms']:10.2f} ms  "
+                       f"n={r['count']:,}") for r in top.slice(0, args.top).to_pylist()]))
+    return 0
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
@@ -291,16 +717,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="version, compiled kernels and library versions")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("generate", help="write a synthetic workload to an Arrow IPC file")
+    p = sub.add_parser("serve", help="run receivers, pipelines and exporters until SIGTERM")
+    p.add_argument("--config", default=None,
+                   help="a Collector-shaped YAML config (default: the embedded one)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the configuration that would run, and exit")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("validate-config", help="check serve configs without starting anything")
+    p.add_argument("files", nargs="+", help="YAML config files")
+    p.set_defaults(func=cmd_validate_config)
+
+    p = sub.add_parser("generate",
+                       help="write a synthetic workload to an Arrow IPC file or send it over OTLP")
     p.add_argument("--spans", type=int, default=100_000)
-    p.add_argument("--out", required=True, help="output .arrow file")
+    p.add_argument("--out", default=None, help="output .arrow file")
+    p.add_argument("--otlp", default=None, metavar="HOST:PORT",
+                   help="send the spans to an OTLP receiver (knhk serve, a Collector)")
+    p.add_argument("--otlp-protocol", choices=["grpc", "http/protobuf", "http/json"],
+                   default="grpc")
+    p.add_argument("--otlp-retry-for", type=float, default=30.0, metavar="SECONDS",
+                   help="how long a refused or failed request is retried before giving up")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--services", type=int, default=8)
     p.add_argument("--error-rate", type=float, default=0.01)
     p.add_argument("--slow-rate", type=float, default=0.02)
-    p.add_argument("--batch-size", type=int, default=10_000)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="spans per batch (default 10,000; 512 per OTLP request)")
     p.add_argument("--compression", choices=["lz4", "zstd", "none"], default="lz4")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("stats", help="summarise recorded Arrow IPC files (no pipeline)")
+    p.add_argument("files", nargs="+", help="files, directories or globs")
+    p.add_argument("--top", type=int, default=10, help="operations listed by p99")
+    p.set_defaults(func=cmd_stats)
 
     def pipeline_args(q: argparse.ArgumentParser) -> None:
         q.add_argument("--batch-size", type=int, default=4096)
@@ -314,6 +764,8 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--speed", type=float, default=None,
                        help="pace by recorded timestamps, X times real time")
     speed.add_argument("--max", action="store_true", help="as fast as possible (default)")
+    p.add_argument("--config", default=None,
+                   help="run the pipelines of a serve config (its receivers do not listen)")
     pipeline_args(p)
     p.set_defaults(func=cmd_replay)
 
