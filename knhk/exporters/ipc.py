@@ -77,6 +77,9 @@ __all__ = ["IpcExporter", "IpcFileWriter"]
 _COMPRESSIONS = ("lz4", "zstd", None)
 _SIGNALS = {"spans": SPAN_SCHEMA, "metrics": METRIC_SCHEMA}
 _MiB = 1 << 20
+#: The unused value a dictionary starts with when its first batch has none.
+_PLACEHOLDER = {pa.string(): "", pa.large_string(): "", pa.binary(): b"",
+                pa.large_binary(): b""}
 
 
 @dataclass
@@ -139,8 +142,13 @@ class _DictionaryState:
                 i = index[v] = n_before + len(fresh)
                 fresh.append(j)
             mapping[j] = i
-        if fresh:
-            added = d.take(pa.array(fresh, type=pa.int32()))
+        added = d.take(pa.array(fresh, type=pa.int32())) if fresh else None
+        if added is None and n_before == 0 and _PLACEHOLDER.get(d.type) is not None:
+            # pyarrow cannot write a delta against an empty dictionary, so a field
+            # with no values yet gets one unused value; readers never see it.
+            added = pa.array([_PLACEHOLDER[d.type]], type=d.type)
+            index[_PLACEHOLDER[d.type]] = 0
+        if added is not None:
             state.values = pa.concat_arrays([state.values, added])
             state.version += 1
             grown = added.nbytes
