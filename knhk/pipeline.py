@@ -715,7 +715,9 @@ class TelemetryPipeline:
         """Stop taking input, flush everything, shut the stages and exporters down.
 
         Returns within ``timeout`` seconds (default 30) even if an exporter
-        hangs; True if everything recorded was processed and exported.
+        hangs; True if everything recorded was processed and every batch
+        handed to an exporter was exported (none failed or was dropped, now or
+        earlier: ``stats().exporters`` says which and why).
         """
         deadline = time.monotonic() + _seconds(timeout, 30.0)
         with self._lock:
@@ -739,6 +741,9 @@ class TelemetryPipeline:
                          "%d spans were not processed", self._ring.queued + self._ring.inflight)
         for w in self._workers:
             ok = w.close(deadline) and ok
+            st = w.stats
+            ok = ok and not (st.events_failed or st.events_dropped_queue_full
+                             or st.events_dropped_shutdown)
         for sink in self._sinks:
             with sink.cond:
                 sink.closed = True

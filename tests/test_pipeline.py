@@ -672,3 +672,21 @@ def test_processing_latencies_returns_only_newer_batches(pipeline_factory):
     assert p.force_flush(5)
     done2, newer = p.processing_latencies(done)
     assert done2 == 4 and newer.shape == (1,)
+
+
+def test_shutdown_is_false_when_an_export_failed_earlier():
+    class Failing(knhk.Exporter):
+        name = "failing"
+
+        def export(self, batch):
+            return knhk.ExportResult.FAILURE
+
+    p = knhk.TelemetryPipeline.builder().with_flush_interval(0.01) \
+        .with_exporter(Failing()).build()
+    p.record_span(knhk.Span("a", trace_id=1, span_id=1))
+    assert p.force_flush(5) is False or p.stats().export_errors == 1
+    assert p.shutdown(5) is False
+    assert p.stats().exporters["failing"]["events_failed"] == 1
+    q = knhk.TelemetryPipeline.builder().with_exporter(knhk.InMemoryExporter()).build()
+    q.record_span(knhk.Span("a", trace_id=1, span_id=1))
+    assert q.shutdown(5) is True
