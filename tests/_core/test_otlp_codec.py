@@ -226,6 +226,8 @@ def _same(a, b) -> bool:
 def test_decode_reads_every_field_as_protobuf_does(req):
     batch = decode_traces(req.SerializeToString())
     assert batch.schema.equals(knhk.SPAN_SCHEMA)
+    # the arrays are built from raw buffers: Arrow's full validation must accept them
+    batch.record_batch.validate(full=True)
     expected, actual = _expected_rows(req), _actual_rows(batch)
     assert len(actual) == len(expected)
     for want, got in zip(expected, actual, strict=True):
@@ -242,6 +244,34 @@ def test_decode_encode_gives_back_the_same_message(req):
     again = encode_traces(batch)
     assert _parse(again) == req
     assert decode_traces(again).equals(batch)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests(), st.data())
+def test_a_slice_encodes_exactly_its_rows(req, data):
+    batch = decode_traces(req.SerializeToString())
+    start = data.draw(st.integers(0, batch.num_rows))
+    part = batch.slice(start, data.draw(st.integers(0, batch.num_rows - start)))
+    # columns at non-zero offsets, nested lists whose child ranges start mid-array
+    back = decode_traces(encode_traces(part))
+    assert _actual_rows(back) == _actual_rows(part)
+    assert back.column("service").to_pylist() == part.column("service").to_pylist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=12) | st.text(max_size=6).map(str.encode))
+def test_utf8_check_agrees_with_python(raw):
+    span = _ld(1, b"t" * 16) + _ld(2, b"s" * 8) + _ld(5, raw)
+    try:
+        expected = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        expected = None
+    try:
+        got = decode_traces(_ld(1, _ld(2, _ld(2, span)))).column("name").to_pylist()[0]
+    except OtlpDecodeError as exc:
+        assert "not valid UTF-8" in str(exc)
+        got = None
+    assert got == expected
 
 
 def test_service_comes_from_the_resource():
@@ -319,7 +349,7 @@ def test_nesting_10000_deep_is_refused():
     value = b""
     for _ in range(10_000):
         value = _ld(5, _ld(1, value))  # AnyValue{array_value{values: [value]}}
-    with pytest.raises(OtlpDecodeError, match="nested deeper than the limit"):
+    with pytest.raises(OtlpDecodeError, match="nests arrays / kvlists deeper than 32"):
         decode_traces(_one_attr_request(value))
     shallow = _ld(5, _ld(1, _ld(5, b"")))
     assert decode_traces(_one_attr_request(shallow)).attribute("k").to_pylist() == [[[]]]
@@ -342,7 +372,16 @@ def test_malformed_framing_is_named(wire, message):
     (_ld(1, b"t" * 15) + _ld(2, b"s" * 8), "trace_id must be 16 bytes"),
     (_ld(1, b"t" * 16), "span_id must be 8 bytes"),
     (_ld(1, b"t" * 16) + _ld(2, b"s" * 8) + _ld(4, b"p"), "parent_span_id"),
-    (_ld(1, b"t" * 16) + _ld(2, b"s" * 8) + _ld(5, b"\xff\xfe"), "Span.name is not valid UTF-8"),
+    (_ld(1, b"t" * 16) + _ld(2, b"s" * 8) + _ld(5, b"\xff\xfe"),
+     r"not valid UTF-8 \(in Span.name"),
+    (_ld(1, b"t" * 16) + _ld(2, b"s" * 8) + _ld(15, _ld(2, b"\xc0\x80")),  # overlong NUL
+     r"not valid UTF-8 \(in Status.message"),
+    (_ld(1, b"t" * 16) + _ld(2, b"s" * 8) + _ld(9, _ld(1, b"\xed\xa0\x80")),  # a surrogate
+     r"attribute key is not valid UTF-8 \(in Span.attributes"),
+    (_ld(1, b"t" * 16) + _ld(2, b"s" * 8) + _ld(9, _ld(1, b"k") + _ld(2, _ld(1, b"\xf4\x90"))),
+     r"string value is not valid UTF-8 \(in Span.attributes"),
+    (_ld(1, b"t" * 16) + _ld(2, b"s" * 8) + _ld(11, _ld(2, b"ok\x80")),
+     r"not valid UTF-8 \(in Span.Event.name"),
 ])
 def test_invalid_spans_are_named(span, message):
     with pytest.raises(OtlpDecodeError, match=message):
@@ -384,3 +423,16 @@ def test_a_service_without_resource_gets_service_name_on_the_wire():
     assert resources == [[("service.name", "checkout")], []]
     assert decode_traces(encode_traces(batch)).column("service").to_pylist() == [
         "checkout", "unknown_service"]
+
+
+def test_threads_decode_and_encode_at_once_with_the_gil_released():
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [generate(200, WorkloadConfig(seed=s)) for s in range(4)]
+    wires = [encode_traces(b) for b in batches]
+    expected = [decode_traces(w) for w in wires]
+    with ThreadPoolExecutor(4) as pool:
+        decoded = list(pool.map(decode_traces, wires * 5))
+        encoded = list(pool.map(encode_traces, decoded))
+    assert all(d.equals(expected[i % 4]) for i, d in enumerate(decoded))
+    assert encoded == wires * 5

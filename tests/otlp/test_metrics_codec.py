@@ -175,8 +175,20 @@ def points(req: ExportMetricsServiceRequest) -> list[tuple]:
 def test_round_trip_keeps_every_point(req):
     batch = decode_metrics(req.SerializeToString())
     assert batch.num_rows == len(points(req))
+    # built from raw buffers by the compiled codec: Arrow's full validation must accept them
+    batch.record_batch.validate(full=True)
     back = ExportMetricsServiceRequest.FromString(encode_metrics(batch))
     assert points(back) == points(req)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests(), st.data())
+def test_a_slice_encodes_exactly_its_points(req, data):
+    batch = decode_metrics(req.SerializeToString()).record_batch
+    start = data.draw(st.integers(0, batch.num_rows))
+    part = batch.slice(start, data.draw(st.integers(0, batch.num_rows - start)))
+    back = decode_metrics(encode_metrics(part)).record_batch
+    assert back.to_pylist() == part.to_pylist()
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -315,3 +327,90 @@ def test_a_histogram_whose_buckets_do_not_fit_its_bounds_is_refused():
     for counts, count in (([5], 99), ([1, 2, 3], 7)):
         with pytest.raises(OtlpDecodeError, match="bucket counts"):
             decode_metrics(request(counts, count))
+
+
+def test_the_last_data_field_of_a_metric_wins_as_in_protobuf():
+    from opentelemetry.proto.metrics.v1 import metrics_pb2 as mp
+
+    gauge = mp.Metric(name="m", gauge=mp.Gauge(data_points=[mp.NumberDataPoint(as_int=1)]))
+    total = mp.Metric(name="m", sum=mp.Sum(data_points=[mp.NumberDataPoint(as_int=2)],
+                                           is_monotonic=True, aggregation_temporality=2))
+    # two serialized Metric messages concatenated are one message with both oneof fields
+    metric = gauge.SerializeToString() + total.SerializeToString()
+    wire = _ld(1, _ld(2, _ld(2, metric)))  # request > resource_metrics > scope_metrics
+    expected = ExportMetricsServiceRequest.FromString(wire)
+    assert points(expected)[0][-1] == ("as_int", 2)
+    row = decode_metrics(wire).to_pylist()[0]
+    assert (row["kind"], row["int_value"]) == (knhk.MetricKind.COUNTER, 2)
+
+
+def _ld(field: int, payload: bytes) -> bytes:
+    n, size = len(payload), b""
+    while n >= 0x80:
+        size += bytes([n & 0x7F | 0x80])
+        n >>= 7
+    return bytes([field << 3 | 2]) + size + bytes([n]) + payload
+
+
+@pytest.mark.parametrize(("field", "words"), [
+    ("temporality", "aggregation temporality is not 0, 1 or 2"),
+    ("time", "timestamp beyond int64"),
+])
+def test_out_of_range_values_are_named(field, words):
+    req = _request_with("sum", aggregation_temporality=3 if field == "temporality" else 1)
+    req.resource_metrics[0].scope_metrics[0].metrics[0].sum.data_points.add(
+        as_int=1, time_unix_nano=2**63 if field == "time" else 5)
+    with pytest.raises(OtlpDecodeError, match=words):
+        decode_metrics(req.SerializeToString())
+
+
+def test_a_row_with_an_unknown_kind_is_refused_by_the_encoder():
+    batch = decode_metrics(_points_request()).record_batch
+    kinds = pa.array([9] * batch.num_rows, pa.int8())
+    bad = batch.set_column(batch.schema.get_field_index("kind"), batch.schema.field("kind"),
+                           kinds)
+    with pytest.raises(ValueError, match="row 0 has kind 9"):
+        encode_metrics(bad)
+
+
+def _points_request() -> bytes:
+    req = _request_with("gauge")
+    req.resource_metrics[0].scope_metrics[0].metrics[0].gauge.data_points.add(as_double=1.5)
+    return req.SerializeToString()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests(), st.data())
+def test_corrupted_requests_never_crash(req, data):
+    wire = bytearray(req.SerializeToString())
+    if not wire:
+        return
+    at = data.draw(st.integers(0, len(wire) - 1))
+    wire[at] ^= data.draw(st.integers(1, 255))
+    try:
+        batch = decode_metrics(bytes(wire))
+    except OtlpDecodeError as exc:
+        assert "malformed ExportMetricsServiceRequest" in str(exc)
+    else:
+        batch.record_batch.validate(full=True)
+
+
+def test_nesting_10000_deep_is_refused_without_recursing_into_it():
+    value = b""
+    for _ in range(10_000):
+        value = _ld(5, _ld(1, value))  # AnyValue{array_value{values: [value]}}
+    point = _ld(7, _ld(1, b"deep") + _ld(2, value))  # NumberDataPoint.attributes
+    metric = _ld(1, b"m") + _ld(5, _ld(1, point))  # Metric{name, gauge{data_points}}
+    with pytest.raises(OtlpDecodeError, match="'deep' nests arrays / kvlists deeper than 32"):
+        decode_metrics(_ld(1, _ld(2, _ld(2, metric))))
+
+
+@pytest.mark.parametrize("wire", [
+    b"\x0a\x02\x12\x05",                    # a length past the end of its message
+    b"\x0a\x03\x12\x01\x13",                # a group start inside ScopeMetrics
+    b"\x09" + b"\x00" * 3,                  # a fixed64 cut short
+    _ld(1, _ld(2, _ld(2, _ld(5, _ld(1, b"\x11\x01"))))),  # start time cut short
+])
+def test_framing_faults_are_refused(wire):
+    with pytest.raises(OtlpDecodeError, match="malformed ExportMetricsServiceRequest"):
+        decode_metrics(wire)
