@@ -30,7 +30,8 @@ from knhk.batch import SpanBatch
 from knhk.errors import KnhkError
 from knhk.schema import SPAN_SCHEMA
 
-__all__ = ["DEFAULT_MAX_DEPTH", "OtlpDecodeError", "decode_traces", "encode_traces"]
+__all__ = ["DEFAULT_MAX_DEPTH", "OtlpDecodeError", "check_max_depth", "decode_traces",
+           "encode_traces"]
 
 _codec = load_core("_otlp")
 
@@ -56,9 +57,13 @@ class OtlpDecodeError(KnhkError, ValueError):
 _MAX_DEPTH_LIMIT = 1000
 
 
-def _check_depth(max_depth: int) -> None:
-    if not 0 <= max_depth <= _MAX_DEPTH_LIMIT:
-        raise ValueError(f"max_depth must be between 0 and {_MAX_DEPTH_LIMIT}, got {max_depth}")
+def check_max_depth(max_depth: int) -> int:
+    """``max_depth`` if it is a nesting limit the codec takes, else ValueError."""
+    if isinstance(max_depth, bool) or not isinstance(max_depth, int) \
+            or not 0 <= max_depth <= _MAX_DEPTH_LIMIT:
+        raise ValueError(
+            f"max_depth must be an int between 0 and {_MAX_DEPTH_LIMIT}, got {max_depth!r}")
+    return max_depth
 
 
 # -- decode -------------------------------------------------------------------------
@@ -98,7 +103,7 @@ def decode_traces(data: bytes | bytearray | memoryview, *, max_depth: int = DEFA
     ...     print(exc.offset, "past the end" in str(exc))
     1 True
     """
-    _check_depth(max_depth)
+    check_max_depth(max_depth)
     buf = np.frombuffer(data, dtype=np.uint8) if len(data) else _EMPTY_U8
     try:
         rb = _codec.decode_traces(buf, max_depth, default_service.encode(), SPAN_SCHEMA)

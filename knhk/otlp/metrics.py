@@ -62,7 +62,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 
 from knhk._build import load_core
 from knhk.batch import MetricBatch
-from knhk.otlp import _EMPTY_U8, DEFAULT_MAX_DEPTH, OtlpDecodeError, _check_depth
+from knhk.otlp import _EMPTY_U8, DEFAULT_MAX_DEPTH, OtlpDecodeError, check_max_depth
 from knhk.schema import METRIC_SCHEMA
 
 __all__ = [
@@ -98,7 +98,7 @@ def decode_metrics_counted(data: bytes | bytearray | memoryview, *,
     >>> decode_metrics_counted(b"")[1]
     0
     """
-    _check_depth(max_depth)
+    check_max_depth(max_depth)
     buf = np.frombuffer(data, dtype=np.uint8) if len(data) else _EMPTY_U8
     try:
         rb, skipped = _codec.decode_metrics(buf, max_depth, default_service.encode(),

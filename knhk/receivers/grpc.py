@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 
-from knhk.otlp import DEFAULT_MAX_DEPTH, OtlpDecodeError, decode_traces
+from knhk.otlp import DEFAULT_MAX_DEPTH, OtlpDecodeError, check_max_depth, decode_traces
 from knhk.otlp.metrics import decode_metrics_counted
 from knhk.receivers import _common
 
@@ -76,12 +76,14 @@ class OtlpGrpcReceiver:
             raise ValueError(f"endpoint must be 'host:port', got {endpoint!r}.")
         self.pipeline = pipeline
         self.endpoint = endpoint
-        self.max_depth = max_depth
+        self.max_depth = check_max_depth(max_depth)
         self._token = bearer_token
         self._creds = server_credentials
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="knhk-otlp"),
-            options=[("grpc.max_receive_message_length", max_request_bytes)],
+            # SO_REUSEPORT off: a second server on a port in use must fail, not share it.
+            options=[("grpc.max_receive_message_length", max_request_bytes),
+                     ("grpc.so_reuseport", 0)],
         )
         handler = grpc.unary_unary_rpc_method_handler(self._export_traces)
         self._server.add_generic_rpc_handlers(

@@ -32,7 +32,7 @@ import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from knhk.otlp import DEFAULT_MAX_DEPTH, OtlpDecodeError, decode_traces
+from knhk.otlp import DEFAULT_MAX_DEPTH, OtlpDecodeError, check_max_depth, decode_traces
 from knhk.otlp.json import decode_traces_json
 from knhk.otlp.metrics import decode_metrics_counted, decode_metrics_json
 from knhk.receivers import _common
@@ -93,7 +93,7 @@ class OtlpHttpReceiver:
                 f"max_request_bytes must be a positive int, got {max_request_bytes!r}.")
         self.pipeline = pipeline
         self.max_request_bytes = max_request_bytes
-        self.max_depth = max_depth
+        self.max_depth = check_max_depth(max_depth)
         self._token = bearer_token
         self._ssl = ssl_context
         self._addr = (host or "localhost", int(port))

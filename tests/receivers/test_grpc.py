@@ -208,3 +208,24 @@ def test_fuzzed_requests_get_a_clear_status(fuzz_port, payload):
     except grpc.RpcError as exc:
         assert exc.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert "malformed ExportTraceServiceRequest" in exc.details()
+
+
+def test_a_second_receiver_on_a_port_in_use_fails_to_start(pipeline_factory):
+    pipeline = pipeline_factory()
+    first = OtlpGrpcReceiver(pipeline, endpoint="localhost:0").start()
+    try:
+        second = OtlpGrpcReceiver(pipeline, endpoint=f"localhost:{first.port}")
+        with pytest.raises(Exception, match=str(first.port)):
+            second.start()
+    finally:
+        first.stop()
+
+
+@pytest.mark.parametrize("depth", [-1, 1001, 2.5, True])
+def test_a_bad_nesting_limit_is_refused_when_built(pipeline_factory, depth):
+    from knhk.receivers import OtlpHttpReceiver
+
+    with pytest.raises(ValueError, match="max_depth"):
+        OtlpGrpcReceiver(pipeline_factory(), max_depth=depth)
+    with pytest.raises(ValueError, match="max_depth"):
+        OtlpHttpReceiver(pipeline_factory(), max_depth=depth)
