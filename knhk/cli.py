@@ -277,6 +277,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from knhk import replay
 
     paths = replay._expand(args.files)  # a glob matching nothing fails here, before any work
+    if args.dask is not None:
+        return _replay_on_dask(args, paths)
     if not args.config:
         return _replay(args, paths, None)
     from knhk.serve import load_config
@@ -284,6 +286,27 @@ def cmd_replay(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     with _logging_from(config, quiet=True):
         return _replay(args, paths, config)
+
+
+def _replay_on_dask(args: argparse.Namespace, paths: list[str]) -> int:
+    """``replay --dask``: the analyses of :mod:`knhk.distributed` over the files."""
+    if args.speed is not None or args.config:
+        print("knhk replay: error: --dask analyses the files as fast as the cluster goes; "
+              "it takes neither --speed nor --config", file=sys.stderr)
+        return 2
+    from knhk.distributed import analyze
+    from knhk.stream import WindowConfig
+
+    what = tuple(a.strip() for a in args.analyses.split(",") if a.strip())
+    registry = args.registry
+    if "validation" in what and registry is None:
+        registry = _default_registry()
+    result = analyze(paths, args.dask, what=what,
+                     window=WindowConfig.tumbling(seconds=args.window),
+                     exact_quantiles=args.exact_quantiles, registry=registry,
+                     timeout=args.dask_timeout)
+    print(result.summary())
+    return 0
 
 
 def _replay(args: argparse.Namespace, paths: list[str], config: dict[str, Any] | None) -> int:
@@ -767,6 +790,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None,
                    help="run the pipelines of a serve config (its receivers do not listen)")
     pipeline_args(p)
+    dask = p.add_argument_group("on a Dask cluster (pip install 'knhk[distributed]')")
+    dask.add_argument("--dask", metavar="ADDRESS", default=None,
+                      help="local:N (N worker processes here) or tcp://scheduler:8786")
+    dask.add_argument("--dask-timeout", type=float, default=10.0,
+                      help="seconds to wait for the scheduler")
+    dask.add_argument("--analyses", default="aggregates,traces",
+                      help="comma-separated: aggregates, traces, validation")
+    dask.add_argument("--window", type=float, default=60.0, help="window length in seconds")
+    dask.add_argument("--exact-quantiles", action="store_true",
+                      help="exact quantiles through a shuffle instead of sketches")
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("demo", help="generate a workload, run the full pipeline, print stats")
@@ -795,7 +828,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (KnhkError, ValueError, OSError) as exc:
+    except (KnhkError, ValueError, OSError, ImportError) as exc:
+        # user mistakes and missing optional extras: one line, no traceback
         print(f"knhk {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
