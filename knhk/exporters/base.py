@@ -5,6 +5,13 @@ An exporter has a small lifecycle: ``export(batch) -> ExportResult``,
 not exceptions; an exporter that raises anyway is logged and counted, and the
 pipeline goes on. The pipeline runs each exporter on its own thread behind a
 bounded queue, so a slow or hung exporter never stalls the others.
+
+An exporter may also carry a ``persistent_queue`` (a
+:class:`~knhk.exporters._persistent_queue.PersistentQueue`, or a directory
+for one): its worker then writes each batch to disk before queueing it,
+acknowledges it once the exporter is done with it (``export`` returned and
+``force_flush`` completed), and after a crash exports again what was not
+acknowledged (at least once).
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ class Exporter:
     """Base class of exporters. Subclasses implement :meth:`export`.
 
     ``queue_size`` is how many batches the pipeline may hold for this exporter
-    before it drops (and counts) new ones.
+    before it drops (and counts) new ones. ``persistent_queue`` (None by
+    default) is a directory or a ``PersistentQueue`` that keeps those batches
+    on disk until exported (see the module docstring).
 
     Two optional hooks, looked up by name when the pipeline is built:
 
@@ -44,6 +53,7 @@ class Exporter:
 
     name: str = "exporter"
     queue_size: int = 64
+    persistent_queue: Any = None
 
     def export(self, batch: Any) -> ExportResult:
         raise NotImplementedError
@@ -73,18 +83,39 @@ class ExporterStats:
 class ExporterWorker:
     """One exporter behind a bounded queue and its own daemon thread."""
 
-    def __init__(self, exporter: Exporter, queue_size: int | None = None) -> None:
+    def __init__(self, exporter: Exporter, queue_size: int | None = None,
+                 persistent_queue: Any = None) -> None:
         self.exporter = exporter
         self.name = getattr(exporter, "name", type(exporter).__name__)
         self.capacity = int(queue_size or getattr(exporter, "queue_size", 64) or 64)
         self.stats = ExporterStats()
+        # items are (seq, batch); seq is the persistent record's, or 0 without one
         self._queue: deque = deque()
         self._cond = threading.Condition()
         self._busy = False
         self._closing = False
+        self._disk = self._open_disk(persistent_queue if persistent_queue is not None
+                                     else getattr(exporter, "persistent_queue", None))
+        if self._disk is not None:
+            replayed = self._disk.replay()
+            # already on disk: queued even beyond capacity, so nothing is lost on restart
+            self._queue.extend(replayed)
+            self.stats.queued_batches = len(self._queue)
+            self._disk_stats()
         self._thread = threading.Thread(target=self._run, name=f"knhk-export-{self.name}",
                                         daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def _open_disk(spec: Any) -> Any:
+        if spec is None:
+            return None
+        from knhk.exporters._persistent_queue import PersistentQueue
+
+        return spec if isinstance(spec, PersistentQueue) else PersistentQueue(spec)
+
+    def _disk_stats(self) -> None:
+        self.stats.extra["persistent_queue"] = self._disk.stats()
 
     def submit(self, batch: Any) -> bool:
         """Queue ``batch``; False (and counted) if the queue is full or closed."""
@@ -95,10 +126,31 @@ class ExporterWorker:
             if len(self._queue) >= self.capacity:
                 self.stats.events_dropped_queue_full += batch.num_rows
                 return False
-            self._queue.append(batch)
+            seq = 0
+            if self._disk is not None:
+                seq = self._disk.append(batch)
+                if seq is None:  # the disk budget is spent: a full queue by another name
+                    self.stats.events_dropped_queue_full += batch.num_rows
+                    return False
+                self._disk_stats()
+            self._queue.append((seq, batch))
             self.stats.queued_batches = len(self._queue)
             self._cond.notify()
         return True
+
+    def _settle(self) -> bool:
+        """Wait until the exporter is done with what it took; False if closing first."""
+        flush = getattr(self.exporter, "force_flush", None)
+        while True:
+            try:
+                if flush is None or flush(0.5):
+                    return True
+            except Exception:
+                logger.exception("exporter %s raised in force_flush", self.name)
+                return True
+            with self._cond:
+                if self._closing:
+                    return False
 
     def _run(self) -> None:
         while True:
@@ -107,7 +159,7 @@ class ExporterWorker:
                     self._cond.wait()
                 if not self._queue:
                     return
-                batch = self._queue.popleft()
+                seq, batch = self._queue.popleft()
                 self.stats.queued_batches = len(self._queue)
                 self._busy = True
             try:
@@ -117,6 +169,12 @@ class ExporterWorker:
                                  batch.num_rows)
                 result = ExportResult.FAILURE
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
+            # on disk, a batch is acknowledged only once its fate is settled (delivered
+            # or failed and counted); an unsettled one is exported again after a restart
+            if seq and self._settle():
+                self._disk.ack(seq)
+                with self._cond:
+                    self._disk_stats()
             with self._cond:
                 if result is ExportResult.SUCCESS:
                     self.stats.batches_exported += 1
@@ -145,7 +203,7 @@ class ExporterWorker:
         drained = self.wait_idle(deadline)
         with self._cond:
             self._closing = True
-            left = sum(b.num_rows for b in self._queue)
+            left = sum(b.num_rows for _, b in self._queue)
             self._queue.clear()
             self.stats.events_dropped_shutdown += left
             self._cond.notify_all()
@@ -162,4 +220,7 @@ class ExporterWorker:
 
         threading.Thread(target=_shutdown, name=f"knhk-shutdown-{self.name}",
                          daemon=True).start()
-        return done.wait(remaining) and drained and left == 0
+        finished = done.wait(remaining)
+        if self._disk is not None:
+            self._disk.close()
+        return finished and drained and left == 0

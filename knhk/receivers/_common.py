@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hmac
 import logging
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 from knhk import _attributes
 from knhk.batch import SpanBatch
@@ -33,6 +35,39 @@ class Admission:
     too_large: bool = False
 
 
+#: pipeline -> MemoryLimiter consulted before a request is taken (see set_memory_limiter)
+_LIMITERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def set_memory_limiter(pipeline: Any, limiter: Any) -> None:
+    """Make every receiver feeding ``pipeline`` consult ``limiter`` first (None removes it).
+
+    While ``limiter.admit()`` is False (resident memory above its soft limit)
+    requests are refused whole with the same retryable answer as a full
+    pipeline (``UNAVAILABLE`` / 503 with retry info), so clients retry.
+    """
+    if limiter is None:
+        _LIMITERS.pop(pipeline, None)
+    else:
+        _LIMITERS[pipeline] = limiter
+
+
+def memory_limiter_of(pipeline: Any) -> Any:
+    """The limiter set for ``pipeline`` with :func:`set_memory_limiter`, or None."""
+    try:
+        return _LIMITERS.get(pipeline)
+    except TypeError:  # an unhashable stand-in for a pipeline has no limiter
+        return None
+
+
+def _memory_refusal(pipeline: Any, n: int, what: str) -> Admission | None:
+    limiter = memory_limiter_of(pipeline)
+    if limiter is None or limiter.admit():
+        return None
+    return Admission(False, message=(
+        f"memory is above the soft limit (the request has {n} {what}); retry later"))
+
+
 def admit(pipeline, batch: SpanBatch) -> Admission:
     """Hand ``batch`` to ``pipeline`` whole, or refuse it whole when there is no room.
 
@@ -43,6 +78,9 @@ def admit(pipeline, batch: SpanBatch) -> Admission:
     n = batch.num_rows
     if n == 0:
         return Admission(True)
+    refusal = _memory_refusal(pipeline, n, "spans")
+    if refusal is not None:
+        return refusal
     try:
         accepted = pipeline.try_record_batch(batch)
     except PipelineClosedError:
@@ -68,6 +106,9 @@ def admit_metrics(pipeline, batch, skipped: int) -> Admission:
     """
     n = batch.num_rows
     if n:
+        refusal = _memory_refusal(pipeline, n, "metric points")
+        if refusal is not None:
+            return refusal
         try:
             taken = pipeline.try_record_metric_batch(batch)
         except BatchTooLargeError as exc:
