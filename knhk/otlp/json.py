@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from typing import Any
 
 from google.protobuf import json_format
@@ -87,6 +88,37 @@ def hex_to_b64(value: str, key: str) -> str:
             f"malformed OTLP/JSON request: {key} must be hex, got {value[:40]!r}") from None
 
 
+def _b64_to_hex(value: str, key: str) -> str:
+    try:
+        return base64.b64decode(value).hex()
+    except binascii.Error:  # pragma: no cover - protobuf wrote it
+        return value
+
+
+def json_to_protobuf(data: str | bytes, message: Any, depth_limit: int,
+                     fix_ids: Callable[[Any, Callable[[str, str], str]], None]) -> bytes:
+    """An OTLP/JSON request as the protobuf bytes of ``message`` (a request class).
+
+    ``fix_ids(obj, convert)`` rewrites the request's hex ids in place with
+    ``convert`` (JSON's hex to protobuf's base64).
+    """
+    obj = load_request(data, depth_limit)
+    try:
+        fix_ids(obj, hex_to_b64)
+        msg = json_format.ParseDict(obj, message(), ignore_unknown_fields=True)
+    except (json_format.ParseError, AttributeError, TypeError) as exc:
+        raise OtlpDecodeError(f"malformed OTLP/JSON request: {exc}") from None
+    return msg.SerializeToString()
+
+
+def protobuf_to_json(wire: bytes, message: Any,
+                     fix_ids: Callable[[Any, Callable[[str, str], str]], None]) -> str:
+    """The inverse of :func:`json_to_protobuf`: hex ids, enums as integers."""
+    obj = json_format.MessageToDict(message.FromString(wire), use_integers_for_enums=True)
+    fix_ids(obj, _b64_to_hex)
+    return json.dumps(obj, separators=(", ", ": "))
+
+
 def decode_traces_json(data: str | bytes, *, max_depth: int = DEFAULT_MAX_DEPTH,
                        default_service: str = "unknown_service") -> SpanBatch:
     """Decode an OTLP/JSON ``ExportTraceServiceRequest`` into a :class:`SpanBatch`.
@@ -97,27 +129,10 @@ def decode_traces_json(data: str | bytes, *, max_depth: int = DEFAULT_MAX_DEPTH,
         Not JSON, not the request's shape, or an id that is not hex.
     """
     # AnyValue nesting costs about 4 JSON levels per level
-    obj = load_request(data, 4 * max_depth + 16)
-    try:
-        _ids(obj, hex_to_b64)
-        msg = json_format.ParseDict(obj, ExportTraceServiceRequest(),
-                                    ignore_unknown_fields=True)
-    except (json_format.ParseError, AttributeError, TypeError) as exc:
-        raise OtlpDecodeError(f"malformed OTLP/JSON request: {exc}") from None
-    return decode_traces(msg.SerializeToString(), max_depth=max_depth,
-                         default_service=default_service)
+    wire = json_to_protobuf(data, ExportTraceServiceRequest, 4 * max_depth + 16, _ids)
+    return decode_traces(wire, max_depth=max_depth, default_service=default_service)
 
 
 def encode_traces_json(batch: SpanBatch) -> str:
     """Encode a span batch as an OTLP/JSON ``ExportTraceServiceRequest`` string."""
-    msg = ExportTraceServiceRequest.FromString(encode_traces(batch))
-    obj = json_format.MessageToDict(msg, use_integers_for_enums=True)
-
-    def b64_to_hex(value: str, key: str) -> str:
-        try:
-            return base64.b64decode(value).hex()
-        except binascii.Error:  # pragma: no cover - protobuf wrote it
-            return value
-
-    _ids(obj, b64_to_hex)
-    return json.dumps(obj, separators=(", ", ": "))
+    return protobuf_to_json(encode_traces(batch), ExportTraceServiceRequest, _ids)

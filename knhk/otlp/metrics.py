@@ -47,15 +47,11 @@ True
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from google.protobuf import json_format
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
@@ -222,17 +218,11 @@ def decode_metrics_json(data: str | bytes, *, max_depth: int = DEFAULT_MAX_DEPTH
     >>> batch.column("value").to_pylist(), skipped
     ([2.5], 0)
     """
-    from knhk.otlp.json import hex_to_b64, load_request
+    from knhk.otlp.json import json_to_protobuf
 
-    obj = load_request(data, 4 * max_depth + 20)
-    try:
-        _exemplar_ids(obj, hex_to_b64)
-        msg = json_format.ParseDict(obj, ExportMetricsServiceRequest(),
-                                    ignore_unknown_fields=True)
-    except (json_format.ParseError, AttributeError, TypeError) as exc:
-        raise OtlpDecodeError(f"malformed OTLP/JSON request: {exc}") from None
-    return decode_metrics_counted(msg.SerializeToString(), max_depth=max_depth,
-                                  default_service=default_service)
+    wire = json_to_protobuf(data, ExportMetricsServiceRequest, 4 * max_depth + 20,
+                            _exemplar_ids)
+    return decode_metrics_counted(wire, max_depth=max_depth, default_service=default_service)
 
 
 def encode_metrics_json(batch: MetricBatch | pa.RecordBatch) -> str:
@@ -244,14 +234,6 @@ def encode_metrics_json(batch: MetricBatch | pa.RecordBatch) -> str:
     >>> encode_metrics_json(pa.RecordBatch.from_pylist([], schema=knhk.METRIC_SCHEMA))
     '{}'
     """
-    msg = ExportMetricsServiceRequest.FromString(encode_metrics(batch))
-    obj = json_format.MessageToDict(msg, use_integers_for_enums=True)
+    from knhk.otlp.json import protobuf_to_json
 
-    def b64_to_hex(value: str, key: str) -> str:
-        try:
-            return base64.b64decode(value).hex()
-        except binascii.Error:  # pragma: no cover - protobuf wrote it
-            return value
-
-    _exemplar_ids(obj, b64_to_hex)
-    return json.dumps(obj, separators=(", ", ": "))
+    return protobuf_to_json(encode_metrics(batch), ExportMetricsServiceRequest, _exemplar_ids)
