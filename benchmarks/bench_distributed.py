@@ -104,6 +104,7 @@ def scenarios(quick: bool = False) -> list[Result]:
     n = int(os.environ.get("KNHK_BENCH_DISTRIBUTED_SPANS", 2_000_000 if quick else FULL))
     runs = 3
     results: list[Result] = []
+    load_before = os.getloadavg()[0]  # what else was running: the run's own load comes after
     tmp = tempfile.mkdtemp(prefix="knhk-bench-distributed-")
     try:
         t0 = time.perf_counter()
@@ -133,8 +134,8 @@ def scenarios(quick: bool = False) -> list[Result]:
         w2_cpu = med(cpu2["worker_cpu"])
         note = (f"{n:,} spans in {len(paths)} lz4 IPC files ({size / n:.1f} B/span on disk, "
                 f"written in {written:.1f} s); 60 s tumbling windows by service x name, "
-                "sketch quantiles. The 2 cores were shared with other work (load average "
-                f"{os.getloadavg()[0]:.1f} at the end): take the full figure on a quiet machine")
+                f"sketch quantiles. 1-minute load average before the run {load_before:.1f} "
+                "(other work on the 2 cores: above ~0.5 the wall-clock ratios are pessimistic)")
         results.append(Result(
             "aggregate spans from IPC files, 2-worker LocalCluster vs best single process",
             "spans/s", d2_rate, best_single,
