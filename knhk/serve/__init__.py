@@ -52,7 +52,10 @@ extensions
 service
     ``pipelines`` — ``traces[/name]`` and ``metrics[/name]``, each with
     ``receivers``, ``processors``, ``exporters``; ``extensions``;
-    ``telemetry: {logs: {level, encoding: json|console}}``;
+    ``telemetry: {logs: {level, encoding: json|console, stats_interval}}``
+    (``stats_interval``, default 60s, 0 for none: a line per pipeline that saw
+    traffic — received and its rate, processed, sampled out, dropped by
+    reason, exported and failed per exporter);
     ``shutdown_timeout`` (knhk's own: how long SIGTERM may take, default 30s).
 
 Each pipeline entry is its own :class:`~knhk.TelemetryPipeline` with its own

@@ -248,7 +248,8 @@ _SERVICE = {
     "pipelines": {"*": {"receivers": _list_of(STR), "processors": _list_of(STR),
                         "exporters": _list_of(STR)}},
     "telemetry": {"logs": {"level": _one_of("debug", "info", "warn", "warning", "error"),
-                           "encoding": _one_of("json", "console")}},
+                           "encoding": _one_of("json", "console"),
+                           "stats_interval": DURATION}},
     "shutdown_timeout": DURATION,
 }
 
@@ -282,7 +283,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
                            "service_graph", "adaptive_sampling"],
             "exporters": ["file/arrow", "prometheus"],
         }},
-        "telemetry": {"logs": {"level": "info", "encoding": "console"}},
+        "telemetry": {"logs": {"level": "info", "encoding": "console",
+                               "stats_interval": "60s"}},
         "shutdown_timeout": "30s",
     },
 }

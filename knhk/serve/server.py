@@ -198,6 +198,11 @@ class Server:
         self.state = "starting"
         self.started_at = time.time()
         self._lock = threading.Lock()
+        logs = (service.get("telemetry") or {}).get("logs") or {}
+        self.stats_interval = parse_duration(logs.get("stats_interval", 60.0))
+        self._stats_stop = threading.Event()
+        self._stats_thread: threading.Thread | None = None
+        self._last_stats: dict[str, tuple[float, dict[str, Any]]] = {}
 
     def status(self) -> tuple[bool, dict[str, Any]]:
         """``(healthy, body)`` for the health endpoint."""
@@ -249,7 +254,69 @@ class Server:
             logger.info("%s listening on %s", protocol, address,
                         extra={"knhk": {"component": rid, "protocol": protocol,
                                         "address": address}})
+        if self.stats_interval > 0:
+            self.log_stats()  # the baseline the first periodic line counts from
+            self._stats_thread = threading.Thread(target=self._stats_loop,
+                                                  name="knhk-serve-stats", daemon=True)
+            self._stats_thread.start()
         return self
+
+    def _stats_loop(self) -> None:
+        while not self._stats_stop.wait(self.stats_interval):
+            try:
+                self.log_stats()
+            except Exception:  # a stats line never takes the server down
+                logger.exception("periodic stats failed")
+
+    def log_stats(self) -> dict[str, dict[str, Any]]:
+        """Log one line per pipeline that saw anything since the last call; return them.
+
+        Each line has what an operator watches: spans received and their rate
+        since the last line, processed, sampled out, dropped by reason,
+        exported and failed per exporter, and the ring buffer's occupancy.
+        Quiet pipelines are not logged (``service.telemetry.logs.stats_interval``
+        sets the period; 0 turns the lines off).
+        """
+        lines: dict[str, dict[str, Any]] = {}
+        if self.built is None:
+            return lines
+        now = time.monotonic()
+        for pid, p in self.built.pipelines.items():
+            s = p.stats()
+            fields: dict[str, Any] = {
+                "pipeline": pid, "received": s.events_received,
+                "processed": s.events_processed, "sampled_out": s.events_sampled_out,
+                "dropped": sum(s.dropped_by_reason.values()),
+                "dropped_by_reason": dict(s.dropped_by_reason),
+                "refused": s.events_refused, "metric_points": s.metrics_received,
+                "exported": {k: v["events_exported"] for k, v in s.exporters.items()},
+                "export_failed": {k: v["events_failed"] for k, v in s.exporters.items()
+                                  if v["events_failed"]},
+                "queue_occupancy": round(s.queue_occupancy, 4)}
+            last = self._last_stats.get(pid)
+            self._last_stats[pid] = (now, fields)
+            if last is None:
+                continue
+            t0, before = last
+            moved = {k for k in ("received", "processed", "dropped", "refused",
+                                 "metric_points") if fields[k] != before[k]}
+            if not moved and fields["exported"] == before["exported"]:
+                continue
+            rate = (fields["received"] - before["received"]) / max(now - t0, 1e-9)
+            fields["received_per_s"] = round(rate, 1)
+            lines[pid] = fields
+            dropped = ", ".join(f"{k} {v:,}" for k, v in sorted(
+                fields["dropped_by_reason"].items())) or "none"
+            exported = ", ".join(f"{k} {v:,}" for k, v in fields["exported"].items())
+            logger.info("%s: %s spans received (%s/s), %s processed, %s sampled out, "
+                        "dropped: %s; exported: %s%s", pid, f"{fields['received']:,}",
+                        f"{rate:,.0f}", f"{fields['processed']:,}",
+                        f"{fields['sampled_out']:,}", dropped, exported or "none",
+                        "; export failed: " + ", ".join(
+                            f"{k} {v:,}" for k, v in fields["export_failed"].items())
+                        if fields["export_failed"] else "",
+                        extra={"knhk": fields})
+        return lines
 
     def shutdown(self, timeout: float | None = None) -> bool:
         """Stop accepting, flush and export everything, within ``timeout`` seconds.
@@ -261,6 +328,7 @@ class Server:
                 return True
             self.state = "shutting down"
         timeout = self.shutdown_timeout if timeout is None else timeout
+        self._stats_stop.set()
         started = time.monotonic()
         logger.info("shutting down (timeout %.1f s)", timeout)
         ok = True
