@@ -328,28 +328,22 @@ def _replay(args: argparse.Namespace, paths: list[str], config: dict[str, Any] |
         target = pipeline
     started = time.perf_counter()
     draw = _replay_progress(paths, started)
-    files_done = [0]
+    stats_so_far = replay.ReplayStats()
 
     def progress(n: int) -> None:
-        draw(n, files_done[0])
+        draw(n, max(0, stats_so_far.files - 1))  # the file being read is not done
 
     status = 0
     result = None
-    stats_so_far = replay.ReplayStats()
     try:
-        # one file at a time, so the bar can advance per file
-        for path in paths:
-            one = replay.replay(path, target, speed=None if args.max else args.speed,
-                                progress=lambda n: progress(stats_so_far.spans + n))
-            files_done[0] += 1
-            _add_replay_stats(stats_so_far, one)
+        # one replay over every file: --speed paces across file boundaries too
+        replay.replay(paths, target, speed=None if args.max else args.speed,
+                      progress=progress, stats=stats_so_far)
+        draw(stats_so_far.spans, len(paths))
         result = stats_so_far
     except CorruptFileError as exc:
         print(f"knhk replay: error: {exc}", file=sys.stderr)
         status = 2
-        partial = getattr(exc, "replay_stats", None)
-        if partial is not None:
-            _add_replay_stats(stats_so_far, partial)
         result = stats_so_far
     except (OSError, ValueError) as exc:
         print(f"knhk replay: error: {exc}", file=sys.stderr)
@@ -378,13 +372,6 @@ def _replay(args: argparse.Namespace, paths: list[str], config: dict[str, Any] |
         print("knhk replay: error: the pipeline did not finish within 60 s", file=sys.stderr)
         status = 1
     return status
-
-
-def _add_replay_stats(total: Any, one: Any) -> None:
-    for name in ("files", "batches", "spans", "metric_points", "bytes_read", "rows_accepted",
-                 "metric_points_accepted"):
-        setattr(total, name, getattr(total, name) + getattr(one, name))
-    total.elapsed_s += one.elapsed_s
 
 
 def _print_analyses(built: Any) -> None:

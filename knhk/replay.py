@@ -465,8 +465,8 @@ def read_batches(sources: Source | Iterable[Source], *, verify: bool = True,
 
 
 def replay(sources: Source | Iterable[Source], pipeline: Any, *, speed: float | None = None,
-           verify: bool = True, progress: Callable[[int], None] | None = None
-           ) -> ReplayStats:
+           verify: bool = True, progress: Callable[[int], None] | None = None,
+           stats: ReplayStats | None = None) -> ReplayStats:
     """Feed the spans recorded in ``sources`` into ``pipeline``.
 
     Span batches go through ``pipeline.record_batch``, metric batches through
@@ -483,11 +483,15 @@ def replay(sources: Source | Iterable[Source], pipeline: Any, *, speed: float | 
         None replays as fast as possible. Otherwise batches are paced by the
         recorded timestamps: a batch whose first span started ``t`` seconds
         after the first batch's first span is fed ``t / speed`` seconds after
-        it (``speed=2.0`` replays twice as fast as recorded).
+        it (``speed=2.0`` replays twice as fast as recorded). The clock runs
+        across file boundaries: a gap between two files is replayed as a gap.
     verify : bool
         As for :func:`read_batches`.
     progress : callable, optional
         Called with the number of spans read so far after each batch.
+    stats : ReplayStats, optional
+        Updated as the replay goes (``stats.files`` counts files opened), so a
+        progress callback can read it; returned.
 
     Returns
     -------
@@ -509,7 +513,7 @@ def replay(sources: Source | Iterable[Source], pipeline: Any, *, speed: float | 
     if not callable(getattr(pipeline, "record_batch", None)):
         raise TypeError(f"replay needs a pipeline with record_batch(); got "
                         f"{type(pipeline).__name__}")
-    stats = ReplayStats()
+    stats = ReplayStats() if stats is None else stats
     batches = read_batches(sources, verify=verify, stats=stats)
     started = time.monotonic()
     first_ns: int | None = None

@@ -280,3 +280,29 @@ def test_generate_otlp_to_nothing_listening_fails_counted(capsys):
 def test_generate_needs_a_destination(capsys):
     assert cli.main(["generate", "--spans", "10"]) == 2
     assert "--out FILE, --otlp HOST:PORT" in capsys.readouterr().err
+
+
+def test_replay_speed_paces_across_files(tmp_path, capsys):
+    """--speed keeps one clock over every file: a gap between two recordings is replayed
+    as a gap (each file used to start its own clock)."""
+    import time
+
+    import knhk
+    from knhk.exporters.ipc import IpcExporter
+
+    def one_file(name: str, start_ns: int) -> str:
+        rec = IpcExporter(str(tmp_path / name))
+        rec.export(knhk.SpanBatch.from_spans(
+            [knhk.Span("op", trace_id=start_ns + i, span_id=i + 1, start_time_ns=start_ns + i,
+                       end_time_ns=start_ns + i + 1000) for i in range(10)]))
+        rec.shutdown()
+        return rec.files[0]
+
+    t0 = 1_700_000_000_000_000_000
+    first, second = one_file("a", t0), one_file("b", t0 + 600_000_000)  # 600 ms later
+    began = time.monotonic()
+    assert cli.main(["replay", first, second, "--speed", "2", "--no-sampling"]) == 0
+    assert time.monotonic() - began >= 0.3 - 0.005  # 600 ms at twice the speed
+    rows = {line.rsplit(None, 1)[0].strip(): line.rsplit(None, 1)[1]
+            for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert rows["files"] == "2" and rows["spans read"] == "20"
