@@ -64,10 +64,13 @@ class Family:
         Maximum number of series exposed, the overflow series included.
     bounds : sequence of float, optional
         A histogram's finite upper bounds, increasing (``+Inf`` is implied).
+    expires : bool
+        Keep each series' last update time (updates pass ``now=``) so that
+        :meth:`drop_stale` can remove series nothing updates any more.
     """
 
     def __init__(self, name: str, prom_type: str, help: str, *, limit: int,
-                 bounds: Sequence[float] | None = None) -> None:
+                 bounds: Sequence[float] | None = None, expires: bool = False) -> None:
         if prom_type not in _TYPES:
             raise ValueError(f"prom_type must be one of {_TYPES}, got {prom_type!r}")
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 2:
@@ -85,6 +88,7 @@ class Family:
         # overflow series gets the increments and its total stays exact
         self._overflow_last: dict[tuple, Any] = {}
         self.values: list[Any] = []
+        self.seen: list[float] | None = [] if expires else None
         if prom_type == "histogram":
             b = [float(x) for x in (bounds or ())]
             if any(not (x < y) for x, y in itertools.pairwise(b)):
@@ -105,6 +109,8 @@ class Family:
         i = len(self.pairs)
         self.pairs.append(pairs)
         self._text.append(labels_text(pairs))
+        if self.seen is not None:
+            self.seen.append(0.0)
         if self.type == "histogram":
             if i >= len(self.sums):
                 grow = max(8, len(self.sums))
@@ -134,12 +140,18 @@ class Family:
 
     # -- updates --------------------------------------------------------------------
 
-    def add(self, pairs: tuple, amount: Any) -> None:
+    def _touch(self, i: int, now: float | None) -> None:
+        if now is not None and self.seen is not None:
+            self.seen[i] = now
+
+    def add(self, pairs: tuple, amount: Any, *, now: float | None = None) -> None:
         """Add ``amount`` to a counter or gauge series (a delta)."""
         i = self.series(pairs)
         self.values[i] += amount
+        self._touch(i, now)
 
-    def set(self, pairs: tuple, value: Any, *, cumulative_sum: bool = False) -> None:
+    def set(self, pairs: tuple, value: Any, *, cumulative_sum: bool = False,
+            now: float | None = None) -> None:
         """Set a series to ``value``.
 
         For a cumulative sum (``cumulative_sum``) that lands in the overflow
@@ -147,6 +159,7 @@ class Family:
         instead (a value below the last is a reset: the whole value is added).
         """
         i = self.series(pairs)
+        self._touch(i, now)
         if i != self.overflow or self.index.get(pairs) == i:
             self.values[i] = value
             return
@@ -164,9 +177,10 @@ class Family:
         np.add.at(self.sums, rows, sums)
 
     def set_histogram(self, pairs: tuple, counts: Sequence[int], total: float, *,
-                      cumulative: bool) -> None:
+                      cumulative: bool, now: float | None = None) -> None:
         """Record one histogram point: per-bucket (not cumulative) ``counts``, its sum."""
         i = self.series(pairs)
+        self._touch(i, now)
         counts = np.asarray(counts, dtype=np.int64)
         if cumulative and not (i == self.overflow and self.index.get(pairs) != i):
             self.buckets[i] = counts
@@ -179,6 +193,31 @@ class Family:
                 counts, total = counts - last[0], total - last[1]
         self.buckets[i] += counts
         self.sums[i] += total
+
+    def drop_stale(self, cutoff: float) -> int:
+        """Remove the series last updated before ``cutoff`` (the overflow series
+        stays: it stands for label sets that may still come); return how many.
+
+        A label set that comes back starts a new series (for a counter, a reset
+        Prometheus' ``rate()`` handles).
+        """
+        if self.seen is None:
+            return 0
+        n = len(self.pairs)
+        keep = [i for i in range(n) if i == self.overflow or self.seen[i] >= cutoff]
+        if len(keep) == n:
+            return 0
+        overflow = keep.index(self.overflow) if self.overflow >= 0 else -1
+        self.pairs = [self.pairs[i] for i in keep]
+        self._text = [self._text[i] for i in keep]
+        self.seen = [self.seen[i] for i in keep]
+        if self.type == "histogram":
+            self.buckets, self.sums = self.buckets[keep], self.sums[keep]
+        else:
+            self.values = [self.values[i] for i in keep]
+        self.overflow = overflow
+        self.index = {p: j for j, p in enumerate(self.pairs) if j != overflow}
+        return n - len(keep)
 
     # -- output ---------------------------------------------------------------------
 

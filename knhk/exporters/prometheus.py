@@ -51,6 +51,7 @@ import logging
 import math
 import socket
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -238,6 +239,12 @@ class PrometheusExporter(Exporter):
         Seconds a span waits for its parent (or its children) across batches.
     service_graph_max_items : int
         Most spans held for pairing (and most waiting children).
+    metric_expiration : float or None
+        Seconds after which a stream-window gauge or a user metric's series
+        that nothing updated is no longer exposed (as the Collector's
+        Prometheus exporter's ``metric_expiration``, default 5 minutes): a
+        key that stopped appearing does not keep its last value for ever.
+        None keeps every series. Span-derived counters never expire.
 
     Examples
     --------
@@ -253,7 +260,8 @@ class PrometheusExporter(Exporter):
                  duration_buckets_ms: Sequence[float] = DEFAULT_DURATION_BUCKETS_MS,
                  cardinality_limit: int = 2000, start_server: bool = True,
                  stream_processor: Any = None, service_graph_ttl: float = 10.0,
-                 service_graph_max_items: int = 100_000) -> None:
+                 service_graph_max_items: int = 100_000,
+                 metric_expiration: float | None = 300.0) -> None:
         if not isinstance(host, str) or not host:
             raise ValueError(f"The host must be a non-empty str, got {host!r}.")
         if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
@@ -277,6 +285,14 @@ class PrometheusExporter(Exporter):
         if not isinstance(service_graph_max_items, int) or service_graph_max_items < 1:
             raise ValueError(f"service_graph_max_items must be a positive int, "
                              f"got {service_graph_max_items!r}.")
+        if metric_expiration is not None and (
+                isinstance(metric_expiration, bool)
+                or not isinstance(metric_expiration, int | float)
+                or not metric_expiration > 0):
+            raise ValueError(f"metric_expiration must be a positive number of seconds or "
+                             f"None, got {metric_expiration!r}.")
+        self.metric_expiration = metric_expiration
+        self._series_expired = 0
         self.host = host
         self._port = port
         self.cardinality_limit = cardinality_limit
@@ -431,15 +447,16 @@ class PrometheusExporter(Exporter):
                 if fam is None:
                     fam = self._windows[name] = Family(
                         name, "gauge", f"Stream window aggregate {c!r} of the last closed "
-                        "window, by key.", limit=self.cardinality_limit)
+                        "window, by key.", limit=self.cardinality_limit, expires=True)
                 fams.append((c, fam, scale))
+            now = time.monotonic()
             for r in range(table.num_rows):
                 pairs = label_pairs((k, cols[k][r]) for k in keys)
                 for c, fam, scale in fams:
                     v = cols[c][r]
                     if isinstance(v, bool) or not isinstance(v, int | float):
                         continue
-                    fam.set(pairs, v * scale if scale != 1.0 else v)
+                    fam.set(pairs, v * scale if scale != 1.0 else v, now=now)
 
     def export(self, batch: Any) -> ExportResult:
         """Fold metric points into the exposed families; spans need nothing here.
@@ -479,7 +496,8 @@ class PrometheusExporter(Exporter):
         if fam is None:
             # a histogram's family keeps its first point's bounds
             return self._user.setdefault(pname, Family(
-                pname, prom_type, help or name, limit=self.cardinality_limit, bounds=bounds))
+                pname, prom_type, help or name, limit=self.cardinality_limit, bounds=bounds,
+                expires=True))
         if fam.type != prom_type:
             self._drop("type_conflict", name)
             return None
@@ -497,6 +515,7 @@ class PrometheusExporter(Exporter):
             "name", "description", "unit", "kind", "temporality", "monotonic", "value",
             "int_value", "sum", "bounds", "bucket_counts", "attributes")}
         with self._lock:
+            now = time.monotonic()
             for i in range(rb.num_rows):
                 name = cols["name"][i]
                 kind = cols["kind"][i]
@@ -528,16 +547,16 @@ class PrometheusExporter(Exporter):
                         counts[-2:] = [counts[-2] + counts[-1]]  # a +Inf bound is the +Inf bucket
                     s = cols["sum"][i]
                     fam.set_histogram(pairs, counts, math.nan if s is None else s,
-                                      cumulative=not delta)
+                                      cumulative=not delta, now=now)
                 else:
                     v = cols["int_value"][i]
                     if v is None:
                         v = cols["value"][i]
                     is_sum = kind in (MetricKind.COUNTER, MetricKind.UP_DOWN_COUNTER)
                     if is_sum and delta:
-                        fam.add(pairs, v)
+                        fam.add(pairs, v, now=now)
                     else:
-                        fam.set(pairs, v, cumulative_sum=is_sum)
+                        fam.set(pairs, v, cumulative_sum=is_sum, now=now)
                 self._points += 1
 
     # -- output ----------------------------------------------------------------------
@@ -671,6 +690,9 @@ class PrometheusExporter(Exporter):
         fam("knhk_prometheus_points_dropped_total", "counter",
             "Metric points not exposed (name or type conflicts, unreadable attributes).",
             [((("reason", r),), n) for r, n in sorted(self._points_dropped.items())])
+        fam("knhk_prometheus_series_expired_total", "counter",
+            "Window and metric-point series dropped after metric_expiration without "
+            "an update.", [((), self._series_expired)])
         over = [f for f in (*self._span_families(), *self._windows.values(),
                             *self._user.values()) if f.overflowed_sets]
         fam("knhk_prometheus_overflow_label_sets_total", "counter",
@@ -680,6 +702,10 @@ class PrometheusExporter(Exporter):
 
     def _families(self, snap: dict[str, Any]) -> list[Family]:
         self._graph.expire()
+        if self.metric_expiration is not None:
+            cutoff = time.monotonic() - self.metric_expiration
+            for f in (*self._windows.values(), *self._user.values()):
+                self._series_expired += f.drop_stale(cutoff)
         fams = [*self._span_families(), *self._scrape_families(snap)]
         fams += list(self._windows.values())
         fams += list(self._user.values())

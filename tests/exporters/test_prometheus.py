@@ -575,3 +575,94 @@ def test_children_still_waiting_at_shutdown_count_as_unpaired(pipeline_factory):
     pipeline.shutdown(5)
     assert of(samples(prom.collect_text()), "traces_service_graph_unpaired_spans_total") == {
         (("server", "db"),): 1}
+
+
+class _Clock:
+    """The exporter's monotonic clock, moved by hand (expiry is about minutes)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_series_nothing_updates_expire_and_come_back_fresh(monkeypatch):
+    import knhk.exporters.prometheus as prom_module
+
+    clock = _Clock()
+    monkeypatch.setattr(prom_module.time, "monotonic", clock)
+    prom = exporter(metric_expiration=60.0)
+    d = Temporality.DELTA
+    prom.export(metric_batch([
+        MetricPoint("jobs", 2, kind=MetricKind.COUNTER, temporality=d, attributes={"q": "a"}),
+        MetricPoint("jobs", 3, kind=MetricKind.COUNTER, temporality=d, attributes={"q": "b"}),
+        MetricPoint("lat", kind=MetricKind.HISTOGRAM, unit="ms", attributes={"q": "a"},
+                    bounds=[10], bucket_counts=[1, 1], sum=15.0),
+        MetricPoint("lat", kind=MetricKind.HISTOGRAM, unit="ms", attributes={"q": "b"},
+                    bounds=[10], bucket_counts=[2, 0], sum=3.0)]))
+    clock.now += 45
+    prom.export(metric_batch([  # only q=a is still reported
+        MetricPoint("jobs", 1, kind=MetricKind.COUNTER, temporality=d, attributes={"q": "a"}),
+        MetricPoint("lat", kind=MetricKind.HISTOGRAM, unit="ms", attributes={"q": "a"},
+                    bounds=[10], bucket_counts=[1, 2], sum=40.0)]))
+    smp = samples(prom.collect_text())
+    assert of(smp, "jobs_total") == {(("q", "a"),): 3, (("q", "b"),): 3}  # 45 s: both live
+    clock.now += 30  # q=b last updated 75 s ago, q=a 30 s ago
+    text = prom.collect_text()
+    smp = samples(text)
+    assert of(smp, "jobs_total") == {(("q", "a"),): 3}
+    assert of(smp, "lat_milliseconds_count") == {(("q", "a"),): 3}
+    assert of(smp, "lat_milliseconds_sum") == {(("q", "a"),): 40.0}
+    assert of(smp, "knhk_prometheus_series_expired_total") == {(): 2}
+    # the text is still well formed for the parser (histogram rows kept aligned)
+    assert {f.name for f in text_string_to_metric_families(text.decode())} >= {
+        "jobs", "lat_milliseconds"}
+    # q=b comes back: a new series, counted from its new points (a counter reset)
+    prom.export(metric_batch([
+        MetricPoint("jobs", 7, kind=MetricKind.COUNTER, temporality=d, attributes={"q": "b"})]))
+    assert of(samples(prom.collect_text()), "jobs_total") == {
+        (("q", "a"),): 3, (("q", "b"),): 7}
+
+
+def test_window_gauges_of_keys_that_stopped_expire(monkeypatch):
+    import knhk.exporters.prometheus as prom_module
+
+    clock = _Clock()
+    monkeypatch.setattr(prom_module.time, "monotonic", clock)
+    prom = exporter(metric_expiration=120.0)
+    t = pa.table({"service": ["a", "b"], "window_start": [0, 0], "window_end": [60, 60],
+                  "count": [5, 7]})
+    prom._observe_windows(t, ("service",))
+    clock.now += 100
+    prom._observe_windows(t.slice(0, 1), ("service",))  # b had no spans in this window
+    assert of(samples(prom.collect_text()), "knhk_window_spans") == {
+        (("service", "a"),): 5, (("service", "b"),): 7}
+    clock.now += 60
+    assert of(samples(prom.collect_text()), "knhk_window_spans") == {(("service", "a"),): 5}
+
+
+def test_metric_expiration_none_keeps_every_series_and_bad_values_are_refused(monkeypatch):
+    import knhk.exporters.prometheus as prom_module
+
+    clock = _Clock()
+    monkeypatch.setattr(prom_module.time, "monotonic", clock)
+    prom = exporter(metric_expiration=None)
+    prom.export(metric_batch([MetricPoint("temp", 20.0, attributes={"room": "x"})]))
+    clock.now += 10 ** 6
+    assert of(samples(prom.collect_text()), "temp") == {(("room", "x"),): 20.0}
+    for bad in (0, -5, "5m", True):
+        with pytest.raises(ValueError, match="metric_expiration"):
+            PrometheusExporter(start_server=False, metric_expiration=bad)
+
+
+def test_family_drop_stale_keeps_the_overflow_series_and_its_index():
+    fam = Family("x_total", "counter", "x", limit=3, expires=True)
+    for i, k in enumerate(["a", "b", "c", "d"]):  # c and d overflow
+        fam.add((("k", k),), 1, now=float(i))
+    assert len(fam) == 3 and fam.overflow == 2
+    assert fam.drop_stale(0.5) == 1  # a (updated at 0) goes; the overflow series stays
+    assert [dict(p).get("k") for p in fam.pairs] == ["b", None]
+    assert fam.overflow == 1 and fam.index == {(("k", "b"),): 0}
+    fam.add((("k", "b"),), 5, now=9.0)
+    assert fam.values == [6, 2]
