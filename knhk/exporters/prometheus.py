@@ -596,9 +596,7 @@ class PrometheusExporter(Exporter):
             if validator is not None:
                 snap["validation"] = validator.stats()
         for proc in list(self._processors):
-            cep = {getattr(getattr(st, "rule", None), "name", None)
-                   for st in getattr(proc, "_cep", ())}
-            snap["processors"].append((cep, proc.counters()))
+            snap["processors"].append((proc.cep_rule_names, proc.counters()))
         return snap
 
     def _scrape_families(self, snap: dict[str, Any]) -> list[Family]:

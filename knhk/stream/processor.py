@@ -238,6 +238,12 @@ class StreamProcessor:
         return self._keys.names
 
     @property
+    def cep_rule_names(self) -> frozenset[str]:
+        """Names of the CEP rules added (to tell their alerts from detectors')."""
+        with self._lock:
+            return frozenset(state.rule.name for state in self._cep)
+
+    @property
     def alerts(self) -> list[Alert]:
         """Alerts delivered so far (the in-memory sink)."""
         return list(self._memory.alerts)
