@@ -45,7 +45,6 @@ import enum
 import logging
 import math
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -56,6 +55,22 @@ import numpy as np
 import pyarrow as pa
 
 from knhk._build import load_core
+from knhk._sampling_common import RULES as _RULES
+from knhk._sampling_common import TWO56 as _TWO56
+from knhk._sampling_common import TWO64 as _TWO64
+from knhk._sampling_common import annotate as _annotate
+from knhk._sampling_common import as_batch as _as_batch
+from knhk._sampling_common import bound as _bound
+from knhk._sampling_common import check_rule as _check_rule
+from knhk._sampling_common import (
+    encode_threshold,
+    parse_threshold,
+    probability_to_threshold,
+    threshold_to_probability,
+)
+from knhk._sampling_common import probability_in as _probability_in
+from knhk._sampling_common import ratio_bound as _ratio_bound
+from knhk._sampling_common import trace_id_matrix as _trace_id_matrix
 from knhk.batch import SpanBatch
 from knhk.environment import OTEL_TRACES_SAMPLER, OTEL_TRACES_SAMPLER_ARG
 from knhk.pipeline import StageResult
@@ -87,12 +102,6 @@ __all__ = [
     "trace_id_ratio_mask",
 ]
 
-_TWO64 = 1 << 64
-_TWO56 = 1 << 56
-_RULES = {"traceidratio": 0, "consistent": 1}
-_TH_RE = re.compile(r"[0-9a-f]{1,14}")  # the spec's th: 1-14 lowercase hex digits
-_P_RE = re.compile(r"[0-9][0-9.e-]{0,31}")  # knhk=p: a decimal as Python's repr writes it
-
 # OTLP Span.flags: bits 0-7 are the W3C trace flags; bits 8 and 9 say whether
 # the parent is known to be remote and whether it is.
 _FLAG_SAMPLED = 0x01
@@ -107,7 +116,7 @@ class SamplingDecision(enum.IntEnum):
     SAMPLE = 1
 
 
-# -- rates, bounds and thresholds -----------------------------------------------------
+# -- rates (bounds, thresholds and trace_state live in knhk._sampling_common) ---------
 
 
 def _check_rate(value: Any, what: str) -> float:
@@ -115,196 +124,6 @@ def _check_rate(value: Any, what: str) -> float:
             or not 0.0 <= value <= 1.0:
         raise ValueError(f"{what} must be a rate in [0, 1], got {value!r}.")
     return float(value)
-
-
-def _check_rule(rule: Any, what: str) -> str:
-    if rule not in _RULES:
-        raise ValueError(
-            f"{what} must be 'traceidratio' or 'consistent', got {rule!r}.")
-    return rule
-
-
-def _bound(rate: float) -> int:
-    # OpenTelemetry's TraceIdRatioBased: round(rate * 2**64), compared with `<`.
-    return round(rate * _TWO64)
-
-
-def _ratio_bound(rate: float, rule: str) -> tuple[int, bool, float]:
-    """``(bound, keep_all, exact probability)`` of ``key < bound`` for ``rate``."""
-    if rule == "consistent":
-        # Keep R >= th with th = 2**56 - round(rate * 2**56): key = 2**56-1-R < bound.
-        b = round(rate * _TWO56)
-        return b, False, b / _TWO56
-    b = _bound(rate)
-    if b >= _TWO64:
-        return _TWO64 - 1, True, 1.0
-    return b, False, b / _TWO64
-
-
-def probability_to_threshold(probability: float) -> int:
-    """The 56-bit rejection threshold of the OpenTelemetry probability-sampling spec.
-
-    ``th = round((1 - p) * 2**56)``, clamped so that a kept span (p > 0) keeps a
-    probability of at least 2**-56.
-
-    >>> hex(probability_to_threshold(0.01))
-    '0xfd70a3d70a3d71'
-    >>> probability_to_threshold(1.0)
-    0
-    """
-    p = float(probability)
-    if not 0.0 < p <= 1.0:
-        raise ValueError(f"A sampling probability must be in (0, 1], got {probability!r}.")
-    return min(_TWO56 - round(p * _TWO56), _TWO56 - 1)
-
-
-def threshold_to_probability(threshold: int) -> float:
-    """``(2**56 - th) / 2**56``: the probability a threshold stands for."""
-    return (_TWO56 - threshold) / _TWO56
-
-
-def encode_threshold(threshold: int) -> str:
-    """The ``th`` value: 14 hex digits with trailing zeros removed (``"0"`` for 0).
-
-    >>> encode_threshold(0xfd70a400000000), encode_threshold(0)
-    ('fd70a4', '0')
-    """
-    if not 0 <= threshold < _TWO56:
-        raise ValueError(f"A threshold must be in [0, 2**56), got {threshold!r}.")
-    return format(threshold, "014x").rstrip("0") or "0"
-
-
-def parse_threshold(value: str) -> int | None:
-    """The threshold of a ``th`` value, or None if it is not 1-14 lowercase hex digits."""
-    if not _TH_RE.fullmatch(value):
-        return None
-    return int(value.ljust(14, "0"), 16)
-
-
-def _split_trace_state(ts: str | None) -> tuple[list[tuple[str, str]], list[tuple[str, str]],
-                                                 list[str]]:
-    """The ``ot`` and ``knhk`` members' sub-keys and the other members of a tracestate."""
-    subs: dict[str, list[tuple[str, str]]] = {"ot": [], "knhk": []}
-    seen: set[str] = set()
-    others: list[str] = []
-    for member in (ts or "").split(","):
-        member = member.strip()
-        if not member:
-            continue
-        key, _, value = member.partition("=")
-        key = key.strip()
-        if key in subs and key not in seen:
-            seen.add(key)
-            for sub in value.split(";"):
-                k, sep, v = sub.partition(":")
-                if sep and k:
-                    subs[key].append((k.strip(), v.strip()))
-        else:
-            others.append(member)
-    return subs["ot"], subs["knhk"], others
-
-
-def _parse_knhk_probability(value: str) -> float | None:
-    """The probability of a ``knhk=p:`` value, or None if it is not a number in (0, 1]."""
-    if not _P_RE.fullmatch(value):
-        return None
-    try:
-        p = float(value)
-    except ValueError:
-        return None
-    return p if 0.0 < p <= 1.0 else None
-
-
-def _probability_in(ts: str | None) -> float | None:
-    """The keep probability a tracestate records (None: unknown)."""
-    if not ts or ("ot=" not in ts and "knhk=" not in ts):
-        return None
-    ot, kn, _ = _split_trace_state(ts)
-    th = next((parse_threshold(v) for k, v in ot if k == "th"), None)
-    p = next((_parse_knhk_probability(v) for k, v in kn if k == "p"), None)
-    if th is not None and p is not None:
-        return None  # both kinds at once: knhk never writes that, so it is ambiguous
-    if th is not None:
-        return threshold_to_probability(th)
-    return p
-
-
-def _with_probability(ts: str | None, p: float, rule: str) -> str | None:
-    """``ts`` after a stage that kept the span with probability ``p`` (NaN: unknown).
-
-    Only a decision on the spec's randomness ``R`` (the consistent rule) writes
-    ``ot=th``; a traceidratio decision (low 64 bits below a bound) writes
-    ``knhk=p:<probability>`` instead. p >= 1 leaves the state alone (an
-    upstream probability still holds). Unknown p erases both, as the spec
-    requires for unknown probabilities. Otherwise the stage combines exactly
-    with an upstream probability of its own kind: consistent takes the larger
-    threshold (the spec's equalizing stage); traceidratio takes the smaller
-    probability, since both stages keep ``low64 < bound`` and the stricter
-    one's kept set is a subset of the other's. An upstream probability of the
-    other kind is not one value of either kind when combined, so both are
-    erased (probability unknown).
-    """
-    if p >= 1.0:
-        return ts
-    ot, kn, others = _split_trace_state(ts)
-    th_in = next((parse_threshold(v) for k, v in ot if k == "th"), None)
-    p_in = next((_parse_knhk_probability(v) for k, v in kn if k == "p"), None)
-    ot = [(k, v) for k, v in ot if k != "th"]
-    kn = [(k, v) for k, v in kn if k != "p"]
-    if p > 0.0:  # NaN fails this test: unknown probability, nothing written
-        if rule == "consistent" and p_in is None:
-            ours = probability_to_threshold(p)
-            th = ours if th_in is None else max(th_in, ours)
-            ot.insert(0, ("th", encode_threshold(th)))
-        elif rule != "consistent" and th_in is None:
-            q = p if p_in is None else min(p_in, p)
-            kn.insert(0, ("p", repr(float(q))))
-    members = [f"{name}={';'.join(f'{k}:{v}' for k, v in subs)}"
-               for name, subs in (("ot", ot), ("knhk", kn)) if subs]
-    return ",".join(members + others) or None
-
-
-def _annotate(rb: pa.RecordBatch, codes: np.ndarray | None, probs: Sequence[float],
-              rule: str) -> pa.RecordBatch:
-    """``rb`` with ``trace_state`` updated for rows kept with ``probs[codes[row]]``."""
-    probs = np.asarray(probs, dtype=np.float64)
-    if rb.num_rows == 0 or not (~(probs >= 1.0)).any():
-        return rb
-    n = rb.num_rows
-    if codes is None:
-        codes = np.zeros(n, dtype=np.intp)
-    i = rb.schema.get_field_index("trace_state")
-    col = rb.column(i)
-    values = col.dictionary.to_pylist()
-    nd = len(values) + 1
-    idx = col.indices.to_numpy(zero_copy_only=False)
-    if col.null_count:
-        idx = np.where(col.is_valid().to_numpy(zero_copy_only=False), idx, nd - 1)
-    key = idx.astype(np.int64) * len(probs) + codes
-    k_total = nd * len(probs)
-    if k_total <= max(4 * n, 1 << 12):
-        used = np.flatnonzero(np.bincount(key, minlength=k_total))
-        inverse = None
-    else:
-        used, inverse = np.unique(key, return_inverse=True)
-    new_dict: dict[str, int] = {}
-    mapped = np.empty(used.size, dtype=np.int32)
-    for j, u in enumerate(used.tolist()):
-        t, c = divmod(u, len(probs))
-        out = _with_probability(values[t] if t < nd - 1 else None, float(probs[c]), rule)
-        mapped[j] = -1 if out is None else new_dict.setdefault(out, len(new_dict))
-    if inverse is None:
-        table = np.full(k_total, -1, dtype=np.int32)
-        table[used] = mapped
-        new_idx = table[key]
-    else:
-        new_idx = mapped[inverse.reshape(-1)]
-    arr = pa.DictionaryArray.from_arrays(
-        pa.array(new_idx, type=pa.int32(), mask=new_idx < 0),
-        pa.array(list(new_dict), type=pa.string()))
-    cols = list(rb.columns)
-    cols[i] = arr
-    return pa.RecordBatch.from_arrays(cols, schema=rb.schema)
 
 
 def sampling_probability(batch: SpanBatch | pa.RecordBatch) -> np.ndarray:
@@ -380,15 +199,6 @@ def reweighted_sum(batch: SpanBatch | pa.RecordBatch, values: Any = None, *,
         raise ValueError(
             f"values must have one entry per span ({w.size}), got shape {v.shape}.")
     return float((w * v).sum())
-
-
-def _trace_id_matrix(col: pa.Array) -> np.ndarray:
-    """The (n, 16) uint8 view of a fixed_size_binary(16) column, without copying."""
-    n = len(col)
-    if n == 0:
-        return np.zeros((0, 16), dtype=np.uint8)
-    raw = np.frombuffer(col.buffers()[1], dtype=np.uint8, count=(col.offset + n) * 16)
-    return raw[col.offset * 16:].reshape(n, 16)
 
 
 def trace_id_ratio_mask(low64: np.ndarray, rate: float | np.ndarray) -> np.ndarray:
@@ -479,12 +289,6 @@ class Sampler:
             total = self._sampled + self._dropped
             return {"sample_count": self._sampled, "drop_count": self._dropped,
                     "effective_rate": self._sampled / total if total else 0.0}
-
-
-def _as_batch(batch: Any) -> SpanBatch:
-    if isinstance(batch, SpanBatch):
-        return batch
-    return SpanBatch(batch)
 
 
 class AlwaysOn(Sampler):

@@ -52,15 +52,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from knhk._build import load_core
+from knhk._regex import LinearPattern, compile_pattern
+from knhk._sampling_common import (
+    annotate,
+    as_batch,
+    check_rule,
+    ratio_bound,
+    trace_id_matrix,
+)
 from knhk.batch import SpanBatch
 from knhk.pipeline import StageResult
-from knhk.sampling import (
-    _annotate,
-    _as_batch,
-    _check_rule,
-    _ratio_bound,
-    _trace_id_matrix,
-)
 from knhk.schema import ATTRIBUTE_STRUCT, ATTRIBUTES_TYPE, AttrType
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,13 @@ _SEMCONV_TYPES = {"string": "string_attribute", "int": "numeric_attribute",
                   "double": "numeric_attribute", "boolean": "boolean_attribute",
                   "bool": "boolean_attribute"}
 _MAX_ATTRIBUTE_POLICIES = 64
+
+
+def _compile_values(values: Sequence[str], where: str) -> list[LinearPattern]:
+    """A string_attribute policy's values as RE2 patterns (ValueError naming the bad one)."""
+    return [compile_pattern(v, f"Tail sampling {where}: string_attribute.values[{i}] is "
+                               "not a valid regular expression")
+            for i, v in enumerate(values)]
 
 
 def _is_number(v: Any) -> bool:
@@ -248,8 +256,25 @@ class Policy:
                          invert_match: bool = False) -> Policy:
         """Samples traces with a span or resource whose string ``key`` is in ``values``.
 
-        With ``enabled_regex_matching`` the values are regular expressions
-        (searched, as Go's ``MatchString``).
+        With ``enabled_regex_matching`` the values are regular expressions,
+        searched as Go's ``MatchString`` does and with the same engine's rules
+        (RE2, :mod:`knhk._regex`): linear time whatever the pattern or the span
+        data, no backreferences or lookaround (refused here with a ``ValueError``
+        naming the policy and the value). A value is searched in its first 4096
+        characters.
+
+        Examples
+        --------
+        >>> p = Policy.string_attribute("api", "http.route", ["^/api/(v1|v2)/"],
+        ...                             enabled_regex_matching=True)
+        >>> p.params["values"]
+        ['^/api/(v1|v2)/']
+        >>> Policy.string_attribute("dup", "k", [r"(a)\\1"], enabled_regex_matching=True)
+        ...     # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: Tail sampling policy 'dup': string_attribute.values[0] is not a valid \
+regular expression: ... RE2 has no backreferences; ...
         """
         return cls._make(name, "string_attribute", key=key, values=list(values),
                          enabled_regex_matching=enabled_regex_matching,
@@ -372,12 +397,7 @@ def _check_params(ptype: str, p: dict, where: str) -> tuple[dict, tuple[Policy, 
                       f"got {values!r}.")
         regex = flag("enabled_regex_matching")
         if regex:
-            for v in values:
-                try:
-                    re.compile(v)
-                except re.error as exc:
-                    raise bad(f"string_attribute value {v!r} is not a valid regular "
-                              f"expression: {exc}.") from None
+            _compile_values(values, where)
         size = p.get("cache_max_size", 128)
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise bad(f"string_attribute.cache_max_size must be an int >= 0, got {size!r}.")
@@ -530,7 +550,7 @@ class TailSamplingConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TailSamplingConfig.{name} must be True or False, "
                                  f"got {getattr(self, name)!r}.")
-        _check_rule(self.rule, "TailSamplingConfig.rule")
+        check_rule(self.rule, "TailSamplingConfig.rule")
         if self.tick_interval is None:
             self.tick_interval = min(1.0, min(self.decision_wait, self.idle_timeout) / 4)
         else:
@@ -623,9 +643,12 @@ class _Node:
         self.bit = -1
         if self.type in _ATTR_TYPES:
             self.bit = engine.add_leaf(self)
+        self.patterns: list[LinearPattern] | None = None
+        if self.type == "string_attribute" and self.params["enabled_regex_matching"]:
+            self.patterns = _compile_values(self.params["values"], f"policy {self.name!r}")
         if self.type == "probabilistic":
-            b, keep_all, prob = _ratio_bound(self.params["sampling_percentage"] / 100.0,
-                                             engine.rule)
+            b, keep_all, prob = ratio_bound(self.params["sampling_percentage"] / 100.0,
+                                            engine.rule)
             self.bound, self.keep_all, self.consistent = b, keep_all, engine.rule == "consistent"
         # Probability with which a sampled trace was sampled (NaN unknown).
         if self.type == "probabilistic":
@@ -777,7 +800,7 @@ class _Engine:
                 if leaf.type == "string_attribute":
                     arr = fetch(key, source, AttrType.STRING)
                     if arr is not None:
-                        m |= _string_hits(arr, leaf.params)
+                        m |= _string_hits(arr, leaf.params, leaf.patterns)
                 elif leaf.type == "numeric_attribute":
                     for t in (AttrType.INT, AttrType.DOUBLE):
                         arr = fetch(key, source, t)
@@ -885,15 +908,13 @@ def _walk_nodes(node: _Node) -> Iterable[_Node]:
         yield from _walk_nodes(s)
 
 
-def _string_hits(arr: pa.Array, params: dict) -> np.ndarray:
-    values = params["values"]
-    if params["enabled_regex_matching"]:
-        pats = [re.compile(v) for v in values]
-
+def _string_hits(arr: pa.Array, params: dict,
+                 patterns: Sequence[LinearPattern] | None) -> np.ndarray:
+    if patterns is not None:
         def match(s: str | None) -> bool:
-            return bool(s) and any(p.search(s) for p in pats)
+            return bool(s) and any(p.search(s) for p in patterns)
     else:
-        wanted = {v for v in values if v}
+        wanted = {v for v in params["values"] if v}
 
         def match(s: str | None) -> bool:
             return s in wanted
@@ -1098,7 +1119,7 @@ class TailSampler:
 
     def process(self, batch: SpanBatch) -> StageResult:
         """Hold ``batch``'s spans; return the spans that decisions release now."""
-        batch = _as_batch(batch)
+        batch = as_batch(batch)
         with self._lock:
             released: list[tuple[pa.RecordBatch, np.ndarray]] = []
             now = self._clock()
@@ -1153,11 +1174,11 @@ class TailSampler:
         Pending state is untouched; stateful policies (``rate_limiting``,
         ``composite``) spend their budget as for held traces.
         """
-        batch = _as_batch(batch)
+        batch = as_batch(batch)
         n = batch.num_rows
         if n == 0:
             return np.zeros(0, dtype=bool)
-        ids = _trace_id_matrix(batch.column("trace_id"))
+        ids = trace_id_matrix(batch.column("trace_id"))
         n_traces = len(np.unique(ids.view(np.dtype((np.void, 16))).ravel()))
         table = _TraceTable(n_traces, 0, 0)
         tags = np.empty(n, dtype=np.int64)
@@ -1211,7 +1232,7 @@ class TailSampler:
             self._scan(released)
         table.make_room_for_tids(n)
         rb = batch.record_batch
-        ids = _trace_id_matrix(rb.column("trace_id"))
+        ids = trace_id_matrix(rb.column("trace_id"))
         cols = self._columns(batch)
         pred = self._engine.predicates(batch)
         tags = np.empty(n, dtype=np.int64)
@@ -1355,7 +1376,7 @@ class TailSampler:
         rb = SpanBatch.concat(rbs).record_batch
         self._stats["spans_sampled"] += rb.num_rows
         if self.config.record_probability:
-            rb = _annotate(rb, info, self._info_prob, self.config.rule)
+            rb = annotate(rb, info, self._info_prob, self.config.rule)
         if self.config.record_policy:
             pol = self._info_policy[info]
             rb = _append_string_attribute(rb, "tailsampling.policy", pol, self._names)

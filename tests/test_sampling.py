@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace.sampling import (
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
 
 import knhk
+from knhk._sampling_common import with_probability as _with_probability
 from knhk.sampling import (
     AdaptivePrioritySampler,
     AdaptiveSamplingStrategy,
@@ -38,7 +39,6 @@ from knhk.sampling import (
     SamplingConfig,
     SamplingDecision,
     TraceIdRatio,
-    _with_probability,
     adjusted_counts,
     encode_threshold,
     parse_threshold,

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from knhk._regex import DEFAULT_MAX_INPUT, LinearPattern, compile_pattern
 from knhk.batch import SpanBatch, trace_id_low64
 from knhk.schema import Span
 from knhk.stream.alerts import Alert, check_severity
@@ -60,7 +61,7 @@ logger = logging.getLogger(__name__)
 _S = 1_000_000_000
 _STATUS = {"unset": 0, "ok": 1, "error": 2}
 _KINDS = {"internal": 1, "server": 2, "client": 3, "producer": 4, "consumer": 5}
-_MAX_REGEX_INPUT = 4096
+_MAX_REGEX_INPUT = DEFAULT_MAX_INPUT
 
 
 def _seconds_ns(value: float, what: str) -> int:
@@ -76,8 +77,8 @@ class Matcher:
     ----------
     name, service : str, optional
         Exact span name / service.
-    name_regex : str, optional
-        Regular expression searched in the span name.
+    name_regex : str or re.Pattern, optional
+        Regular expression searched in the span name (RE2 syntax, see below).
     kind : int or str, optional
         OTel SpanKind (``"server"``, 2, ...).
     status : int or str, optional
@@ -86,11 +87,27 @@ class Matcher:
         Inclusive duration bounds.
     attributes : mapping, optional
         ``{key: value}`` for equality, ``{key: (lo, hi)}`` for an inclusive
-        numeric range, ``{key: re.compile(...)}`` for a regex over the string value.
+        numeric range, ``{key: re.compile(...)}`` for a regex searched in the string value.
 
-    Regular expressions run once per distinct value of a batch, on at most the
-    first 4096 characters, which bounds the time a match can take.
+    Regular expressions come from users and run over span data that senders
+    control, so they run with RE2 (:mod:`knhk._regex`): time linear in the
+    input, whatever the pattern, and RE2's syntax (as Go's ``regexp``: no
+    backreferences or lookaround; ``$`` is the very end of the text; ``\\d``,
+    ``\\w``, ``\\s``, ``\\b`` are ASCII). A compiled ``re.Pattern`` is converted,
+    its IGNORECASE / MULTILINE / DOTALL flags kept. A pattern RE2 cannot run
+    raises ``ValueError`` here, naming it. Each runs once per distinct value of a
+    batch, on at most the first 4096 characters.
     Matchers combine with ``&``, ``|`` and ``~``.
+
+    Examples
+    --------
+    >>> import re
+    >>> b = SpanBatch.from_spans([Span("a" * 4000 + "!", trace_id=1, span_id=1),
+    ...                           Span("GET /", trace_id=1, span_id=2, attributes={"u": "Bob"})])
+    >>> Matcher(name_regex=r"(a+)+$").mask(b).tolist()      # no catastrophic backtracking
+    [False, False]
+    >>> Matcher(attributes={"u": re.compile("^bob$", re.IGNORECASE)}).mask(b).tolist()
+    [False, True]
     """
 
     def __init__(self, *, name: str | None = None, service: str | None = None,
@@ -104,9 +121,8 @@ class Matcher:
         if service is not None:
             self._tests.append(_dict_test("service", lambda v, x=service: v == x))
         if name_regex is not None:
-            rx = _compile(name_regex, "name_regex")
-            self._tests.append(_dict_test(
-                "name", lambda v: v is not None and rx.search(v[:_MAX_REGEX_INPUT]) is not None))
+            rx = _compile(name_regex, "Matcher name_regex")
+            self._tests.append(_dict_test("name", rx.search))
         if kind is not None:
             k = _enum(kind, _KINDS, "kind")
             self._tests.append(lambda b: b.column("kind").to_numpy() == k)
@@ -145,13 +161,8 @@ class Matcher:
         return Matcher._of(lambda b: ~self.mask(b))
 
 
-def _compile(pattern: str | re.Pattern, what: str) -> re.Pattern:
-    if isinstance(pattern, re.Pattern):
-        return pattern
-    try:
-        return re.compile(pattern)
-    except (re.error, TypeError) as exc:
-        raise ValueError(f"{what}: cannot compile regular expression {pattern!r}: {exc}") from None
+def _compile(pattern: str | re.Pattern | LinearPattern, what: str) -> LinearPattern:
+    return compile_pattern(pattern, what, max_input=_MAX_REGEX_INPUT)
 
 
 def _enum(value: int | str, names: dict[str, int], what: str) -> int:
@@ -176,11 +187,8 @@ def _dict_test(column: str, pred: Callable[[Any], bool]) -> Callable[[SpanBatch]
 
 
 def _attr_test(key: str, want: Any) -> Callable[[SpanBatch], np.ndarray]:
-    if isinstance(want, re.Pattern):
-        rx = want
-
-        def pred(v: Any) -> bool:
-            return isinstance(v, str) and rx.search(v[:_MAX_REGEX_INPUT]) is not None
+    if isinstance(want, re.Pattern | LinearPattern):
+        pred = _compile(want, f"Matcher attributes[{key!r}]").search
     elif isinstance(want, tuple):
         if len(want) != 2:
             raise ValueError(f"attribute {key!r}: a range is (lo, hi), got {want!r}")

@@ -10,14 +10,15 @@ re-renders the Markdown from the JSON.
 Example
 -------
 >>> import tempfile, os
->>> d = tempfile.mkdtemp()
->>> r = Report(os.path.join(d, "R.md"))
+>>> tmp = tempfile.TemporaryDirectory()
+>>> r = Report(os.path.join(tmp.name, "R.md"))
 >>> r.add(ScenarioResult("x", "X", "nothing lost", passed=True, sent=10, received=10))
 >>> r.write()
 1
->>> with open(os.path.join(d, "R.md")) as f:
+>>> with open(os.path.join(tmp.name, "R.md")) as f:
 ...     "| x |" in f.read()
 True
+>>> tmp.cleanup()
 """
 
 from __future__ import annotations
@@ -137,9 +138,10 @@ def render(rows: list[dict]) -> str:
             r["received"], r["counted_drops"], r["lost"], "pass" if r["passed"] else "FAIL",
             r["details"], r["when"])) + " |")
     out += ["", "## Hostile input", "",
-            "Sent to the running system under test (its OTLP/gRPC and OTLP/HTTP receivers). "
-            "Pass: no crash, no hang, every bad request rejected with a clear error, and "
-            "the valid spans sent before, between and after all arrive.", "",
+            "Sent to the running system under test (its OTLP/gRPC and OTLP/HTTP receivers); "
+            "files (endpoint *file*) and user rules (*rule*) are given to knhk as a user "
+            "would. Pass: no crash, no hang, every bad request rejected with a clear error, "
+            "and the valid spans sent before, between and after all arrive.", "",
             "| input | endpoint | tries | result | details | when |",
             "|---|---|---:|---|---|---|"]
     for r in hostile:
