@@ -42,7 +42,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -167,6 +167,12 @@ class Policy:
     type: str
     params: dict = field(default_factory=dict, hash=False)
     sub_policies: tuple[Policy, ...] = ()
+
+    def walk(self) -> Iterator[Policy]:
+        """This policy, then every policy nested in it (``and``, ``composite``), depth first."""
+        yield self
+        for s in self.sub_policies:
+            yield from s.walk()
 
     # -- construction ------------------------------------------------------------
 
@@ -556,7 +562,7 @@ class TailSamplingConfig:
         else:
             self.tick_interval = _seconds(self.tick_interval, "TailSamplingConfig.tick_interval",
                                           allow_zero=True)
-        leaves = [leaf for p in pols for leaf in _walk(p) if leaf.type in _ATTR_TYPES]
+        leaves = [leaf for p in pols for leaf in p.walk() if leaf.type in _ATTR_TYPES]
         if len(leaves) > _MAX_ATTRIBUTE_POLICIES:
             raise ValueError(f"At most {_MAX_ATTRIBUTE_POLICIES} attribute policies are "
                              f"supported, got {len(leaves)}.")
@@ -605,12 +611,6 @@ class TailSamplingConfig:
                              f"non_sampled_cache_size, got {cache!r}.")
         kw.update(cache)
         return cls(**kw)
-
-
-def _walk(p: Policy) -> Iterable[Policy]:
-    yield p
-    for s in p.sub_policies:
-        yield from _walk(s)
 
 
 # -- policy evaluation ------------------------------------------------------------------

@@ -340,11 +340,11 @@ def _spec(what: Iterable[str], window: WindowConfig | None, group_by: Sequence[s
     if registry is not None:
         registry = os.path.abspath(os.fspath(registry))
     if "tail_sampling" in chosen:
-        from knhk.tail_sampling import TailSamplingConfig, _walk
+        from knhk.tail_sampling import TailSamplingConfig
         if not isinstance(tail_sampling, TailSamplingConfig):
             raise ValueError("what includes 'tail_sampling': pass tail_sampling= a "
                              "TailSamplingConfig")
-        stateful = sorted({leaf.name for p in tail_sampling.policies for leaf in _walk(p)
+        stateful = sorted({leaf.name for p in tail_sampling.policies for leaf in p.walk()
                            if leaf.type in ("rate_limiting", "composite")})
         if stateful:
             raise ValueError(f"tail sampling policies {stateful} spend a per-second budget in "
