@@ -28,8 +28,10 @@ from knhk.exporters import (
     InMemoryExporter,
     IpcExporter,
     JaegerExporter,
+    LoadBalancingExporter,
     PrometheusExporter,
 )
+from knhk.memory_limiter import MemoryLimiter
 from knhk.pipeline import (
     EventStream,
     PipelineBuilder,
@@ -148,7 +150,9 @@ __all__ = [
     "KnhkError",
     "KnhkSpanExporter",
     "KnhkSpanProcessor",
+    "LoadBalancingExporter",
     "Matcher",
+    "MemoryLimiter",
     "MetricBatch",
     "MetricKind",
     "MetricPoint",

@@ -136,6 +136,7 @@ class PipelineBuilder:
         self._stages: list[Any] = []
         self._service = environment.service_name()
         self._latency_window = 4096
+        self._memory_limiter: Any = None
 
     def with_batch_size(self, size: int) -> PipelineBuilder:
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
@@ -243,11 +244,102 @@ class PipelineBuilder:
         self._tail = config
         return self
 
-    def with_exporter(self, exporter: Exporter) -> PipelineBuilder:
+    def with_exporter(self, exporter: Exporter, *, persistent_queue: Any = None,
+                      queue_size: int | None = None) -> PipelineBuilder:
+        """Send what leaves the stages to ``exporter``, on its own thread behind a queue.
+
+        Parameters
+        ----------
+        exporter : Exporter
+            Anything with ``export(batch) -> ExportResult``.
+        persistent_queue : str, os.PathLike or PersistentQueue, optional
+            Keep the exporter's queue on disk in this directory (created if
+            missing; one exporter per directory): each batch is written
+            before it is queued and removed once the exporter is done with
+            it, so batches not yet exported survive a crash or a shutdown and
+            are exported again (at least once) by the next pipeline built on
+            the same directory. Sets ``exporter.persistent_queue``. The queue
+            locks its directory: :meth:`build` raises ``OSError`` while another
+            queue (this process's or another's) holds it.
+        queue_size : int, optional
+            Batches held for this exporter before new ones are dropped and
+            counted (default ``exporter.queue_size``). Sets ``exporter.queue_size``.
+
+        Examples
+        --------
+        >>> import tempfile, knhk
+        >>> sink = knhk.InMemoryExporter()
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> with (knhk.TelemetryPipeline.builder()
+        ...       .with_exporter(sink, persistent_queue=tmp.name, queue_size=128).build()) as p:
+        ...     _ = p.record_span(knhk.Span("op", trace_id=1, span_id=1))
+        >>> sum(b.num_rows for b in sink.batches)
+        1
+        >>> tmp.cleanup()
+        """
         if not callable(getattr(exporter, "export", None)):
             raise ValueError(
                 f"An exporter needs an export(batch) method; {type(exporter).__name__} has none.")
+        if queue_size is not None:
+            if not isinstance(queue_size, int) or isinstance(queue_size, bool) or queue_size < 1:
+                raise ValueError(f"The queue size of exporter {_exporter_name(exporter)} must "
+                                 f"be a positive int, got {queue_size!r}.")
+            exporter.queue_size = queue_size
+        if persistent_queue is not None:
+            exporter.persistent_queue = _persistent_queue_spec(persistent_queue, exporter)
         self._exporters.append(exporter)
+        return self
+
+    def with_memory_limiter(self, limiter: Any = None, *, soft_limit_mib: float | None = None,
+                            hard_limit_mib: float | None = None,
+                            check_interval: float = 0.05) -> PipelineBuilder:
+        """Refuse data at the receivers while resident memory is above a soft limit.
+
+        OTLP receivers feeding the pipeline (``OtlpGrpcReceiver``,
+        ``OtlpHttpReceiver``) then answer ``UNAVAILABLE`` / 503 with retry
+        information while memory is above the soft limit, so clients keep
+        the data and retry; above the hard limit the limiter also forces a
+        collection. Spans recorded directly (``record_span``/``record_batch``)
+        are not refused.
+
+        Parameters
+        ----------
+        limiter : knhk.MemoryLimiter, optional
+            A limiter of your own (e.g. ``MemoryLimiter.from_collector(limit_mib=...)``,
+            or shared by several pipelines); else one is made from the limits below.
+        soft_limit_mib, hard_limit_mib : float, optional
+            Limits in MiB; the hard limit defaults to 1.25 x the soft one.
+        check_interval : float
+            Seconds between two reads of resident memory.
+
+        Examples
+        --------
+        >>> import knhk
+        >>> p = knhk.TelemetryPipeline.builder().with_memory_limiter(soft_limit_mib=4096).build()
+        >>> from knhk.receivers._common import memory_limiter_of
+        >>> memory_limiter_of(p).hard_limit >> 20
+        5120
+        >>> p.shutdown()
+        True
+        """
+        from knhk.memory_limiter import MemoryLimiter
+
+        if limiter is not None:
+            if soft_limit_mib is not None or hard_limit_mib is not None:
+                raise ValueError("with_memory_limiter takes a MemoryLimiter or limits, "
+                                 "not both.")
+            if not callable(getattr(limiter, "admit", None)):
+                raise ValueError(f"A memory limiter needs an admit() method; "
+                                 f"{type(limiter).__name__} has none.")
+            self._memory_limiter = limiter
+            return self
+        if soft_limit_mib is None:
+            raise ValueError("with_memory_limiter needs a MemoryLimiter or soft_limit_mib.")
+        if hard_limit_mib is None and isinstance(soft_limit_mib, int | float) \
+                and not isinstance(soft_limit_mib, bool):
+            hard_limit_mib = soft_limit_mib * 1.25
+        self._memory_limiter = MemoryLimiter(soft_limit_mib, hard_limit_mib,
+                                             check_interval=check_interval)
         return self
 
     def with_stage(self, stage: Any) -> PipelineBuilder:
@@ -269,7 +361,55 @@ class PipelineBuilder:
             raise ValueError(
                 f"The channel capacity ({self._capacity}) must be at least the batch size "
                 f"({self._batch_size}).")
-        return TelemetryPipeline(self)
+        import os
+
+        seen: dict[str, Any] = {}
+        for exporter in self._exporters:
+            spec = getattr(exporter, "persistent_queue", None)
+            if spec is None:
+                continue
+            path = os.path.realpath(getattr(spec, "directory", spec))
+            if path in seen and seen[path] is not exporter:
+                raise ValueError(
+                    f"Exporters {_exporter_name(seen[path])} and {_exporter_name(exporter)} "
+                    f"both keep their persistent queue in {path!r}; give each its own "
+                    "directory.")
+            seen[path] = exporter
+        pipeline = TelemetryPipeline(self)
+        if self._memory_limiter is not None:
+            from knhk.receivers._common import set_memory_limiter
+
+            set_memory_limiter(pipeline, self._memory_limiter)
+        return pipeline
+
+
+def _exporter_name(exporter: Any) -> str:
+    return repr(getattr(exporter, "name", None) or type(exporter).__name__)
+
+
+def _persistent_queue_spec(spec: Any, exporter: Any) -> Any:
+    """``spec`` checked: a PersistentQueue, or a directory that exists (or can be made)
+    and can be written; raises ValueError naming the exporter and the directory."""
+    import os
+    import tempfile
+
+    from knhk.exporters._persistent_queue import PersistentQueue
+
+    if isinstance(spec, PersistentQueue):
+        return spec
+    if not isinstance(spec, str | os.PathLike) or not os.fspath(spec):
+        raise ValueError(f"The persistent queue of exporter {_exporter_name(exporter)} must be "
+                         f"a directory or a PersistentQueue, got {spec!r}.")
+    path = os.path.abspath(os.fspath(spec))
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ValueError(f"The persistent queue directory {path!r} of exporter "
+                         f"{_exporter_name(exporter)} cannot be written: "
+                         f"{exc.strerror or exc}.") from None
+    return path
 
 
 class _Sink:

@@ -3,20 +3,30 @@
 from knhk.exporters.base import Exporter, ExporterStats, ExportResult
 from knhk.exporters.ipc import IpcExporter
 from knhk.exporters.jaeger import JaegerExporter
+from knhk.exporters.loadbalancing import (
+    DnsResolver,
+    FileResolver,
+    LoadBalancingExporter,
+    StaticResolver,
+)
 from knhk.exporters.memory import InMemoryExporter
 from knhk.exporters.prometheus import PrometheusExporter
 
 __all__ = [
+    "DnsResolver",
     "ExportResult",
     "Exporter",
     "ExporterStats",
+    "FileResolver",
     "InMemoryExporter",
     "IpcExporter",
     "JaegerExporter",
+    "LoadBalancingExporter",
     "OtlpConfig",
     "OtlpExporter",
     "PrometheusExporter",
     "RetryConfig",
+    "StaticResolver",
 ]
 
 

@@ -9,27 +9,32 @@ are all acknowledged is deleted. When the queue is opened again after a
 crash or restart, every record after the acknowledged one is read back and
 exported again. A record whose CRC or Arrow payload does not check out is
 skipped and counted (``records_corrupted``), and reading resumes at the next
-record header.
+record header. A queue holds an exclusive lock on its directory (``flock`` on
+a ``lock`` file) until :meth:`PersistentQueue.close`, so two processes — or
+two exporters — never share one; the lock goes with the process if it dies.
 
 Example
 -------
 >>> import tempfile, knhk
->>> d = tempfile.mkdtemp()
->>> q = PersistentQueue(d)
+>>> tmp = tempfile.TemporaryDirectory()
+>>> q = PersistentQueue(tmp.name)
 >>> batch = knhk.SpanBatch.from_spans([knhk.Span("op", trace_id=1, span_id=1,
 ...                                               start_time_ns=0, duration_ns=5)])
 >>> seq = q.append(batch)
 >>> q.close()
->>> q2 = PersistentQueue(d)
+>>> q2 = PersistentQueue(tmp.name)
 >>> [(s, b.num_rows) for s, b in q2.replay()]
 [(1, 1)]
 >>> q2.ack(1); q2.close()
->>> PersistentQueue(d).replay()
+>>> q3 = PersistentQueue(tmp.name)
+>>> q3.replay()
 []
+>>> q3.close(); tmp.cleanup()
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
@@ -102,6 +107,8 @@ class PersistentQueue:
                 raise ValueError(f"PersistentQueue {name} must be a positive int, got {value!r}.")
         self.directory = os.fspath(directory)
         os.makedirs(self.directory, exist_ok=True)
+        self._lock_fd: int | None = None
+        self._take_lock()
         self.segment_bytes = segment_bytes
         self.max_bytes = max_bytes
         self.fsync = fsync
@@ -123,6 +130,29 @@ class PersistentQueue:
         self._file_size = 0
 
     # -- opening -----------------------------------------------------------------
+
+    def _take_lock(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: one queue per directory is on trust
+            return
+        fd = os.open(os.path.join(self.directory, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise OSError(errno.EBUSY, f"the persistent queue directory {self.directory!r} "
+                          "is in use by another queue (another process, or another "
+                          "exporter); give each queue its own directory") from None
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the flock
+
+    def __del__(self) -> None:
+        self._release_lock()
 
     def _read_ack(self) -> int:
         try:
@@ -285,8 +315,10 @@ class PersistentQueue:
                     "bytes_on_disk": max(0, self._bytes)}
 
     def close(self) -> None:
-        """Close the current segment; unacknowledged records stay for the next open."""
+        """Close the current segment and unlock the directory; unacknowledged records
+        stay for the next open."""
         with self._lock:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+            self._release_lock()

@@ -59,7 +59,8 @@ class RetryConfig:
     randomization_factor : float
         Each wait is drawn uniformly from ``wait * (1 ± factor)``.
     max_elapsed_time : float
-        Give up when the next attempt would start later than this after the first.
+        Give up when the next attempt would start later than this after the
+        first; ``0`` never gives up (the Collector's meaning).
     """
 
     enabled: bool = True
@@ -77,8 +78,22 @@ class RetryConfig:
         if not 0 <= self.randomization_factor <= 1:
             raise ValueError("RetryConfig.randomization_factor must be in [0, 1], "
                              f"got {self.randomization_factor!r}.")
-        if self.multiplier < 1:
+        if not isinstance(self.multiplier, int | float) or self.multiplier < 1:
             raise ValueError(f"RetryConfig.multiplier must be >= 1, got {self.multiplier!r}.")
+        if self.initial_interval > self.max_interval:
+            raise ValueError(f"RetryConfig.initial_interval ({self.initial_interval!r}) must "
+                             f"not exceed max_interval ({self.max_interval!r}).")
+
+    def gives_up(self, elapsed: float, delay: float) -> bool:
+        """True if an attempt ``delay`` seconds from now, ``elapsed`` after the first, is
+        past ``max_elapsed_time`` (never when it is 0).
+
+        >>> RetryConfig(max_elapsed_time=10).gives_up(9.0, 2.0)
+        True
+        >>> RetryConfig(max_elapsed_time=0).gives_up(1e9, 30.0)
+        False
+        """
+        return self.max_elapsed_time > 0 and elapsed + delay > self.max_elapsed_time
 
 
 class Backoff:

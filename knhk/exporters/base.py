@@ -11,7 +11,20 @@ An exporter may also carry a ``persistent_queue`` (a
 for one): its worker then writes each batch to disk before queueing it,
 acknowledges it once the exporter is done with it (``export`` returned and
 ``force_flush`` completed), and after a crash exports again what was not
-acknowledged (at least once).
+acknowledged (at least once). Batches still queued or unsettled when the
+worker closes stay on disk for the next worker on the same directory; they
+are counted in ``events_kept_on_disk``, not as dropped. (Set it with
+``PipelineBuilder.with_exporter(exporter, persistent_queue=directory)``.)
+
+Example
+-------
+>>> import time, knhk
+>>> sink = knhk.InMemoryExporter()
+>>> worker = ExporterWorker(sink)
+>>> worker.submit(knhk.SpanBatch.from_spans([knhk.Span("op", trace_id=1, span_id=1)]))
+True
+>>> worker.close(time.monotonic() + 5), worker.stats.events_exported
+(True, 1)
 """
 
 from __future__ import annotations
@@ -75,6 +88,8 @@ class ExporterStats:
     events_failed: int = 0
     events_dropped_queue_full: int = 0
     events_dropped_shutdown: int = 0
+    #: not exported by shutdown but kept in the persistent queue for the next run
+    events_kept_on_disk: int = 0
     queued_batches: int = 0
     last_error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -143,14 +158,17 @@ class ExporterWorker:
         flush = getattr(self.exporter, "force_flush", None)
         while True:
             try:
-                if flush is None or flush(0.5):
-                    return True
+                done = flush is None or flush(0.5)
             except Exception:
                 logger.exception("exporter %s raised in force_flush", self.name)
-                return True
+                done = True
             with self._cond:
+                # closing first: a flush that returns because shutdown gave up on the
+                # batch is no delivery; kept on disk, it is sent again (at least once)
                 if self._closing:
                     return False
+            if done:
+                return True
 
     def _run(self) -> None:
         while True:
@@ -171,12 +189,17 @@ class ExporterWorker:
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
             # on disk, a batch is acknowledged only once its fate is settled (delivered
             # or failed and counted); an unsettled one is exported again after a restart
-            if seq and self._settle():
-                self._disk.ack(seq)
-                with self._cond:
-                    self._disk_stats()
+            settled = True
+            if seq:
+                settled = self._settle()
+                if settled:
+                    self._disk.ack(seq)
+                    with self._cond:
+                        self._disk_stats()
             with self._cond:
-                if result is ExportResult.SUCCESS:
+                if not settled:
+                    self.stats.events_kept_on_disk += batch.num_rows
+                elif result is ExportResult.SUCCESS:
                     self.stats.batches_exported += 1
                     self.stats.events_exported += batch.num_rows
                 else:
@@ -199,13 +222,23 @@ class ExporterWorker:
         return True
 
     def close(self, deadline: float) -> bool:
-        """Export what is queued, then shut the exporter down, all by ``deadline``."""
-        drained = self.wait_idle(deadline)
+        """Export what is queued, then shut the exporter down, all by ``deadline``.
+
+        A quarter of the time left (at most 0.25 s) is kept for the exporter's
+        own shutdown, so it gets to count what it still holds.
+        """
+        reserve = min(0.25, max(0.0, deadline - time.monotonic()) / 4)
+        drained = self.wait_idle(deadline - reserve)
         with self._cond:
             self._closing = True
             left = sum(b.num_rows for _, b in self._queue)
             self._queue.clear()
-            self.stats.events_dropped_shutdown += left
+            if self._disk is not None:
+                # on disk and not acknowledged: the next worker on the directory sends them
+                self.stats.events_kept_on_disk += left
+            else:
+                self.stats.events_dropped_shutdown += left
+            self.stats.queued_batches = 0
             self._cond.notify_all()
         remaining = max(0.0, deadline - time.monotonic())
         done = threading.Event()
@@ -220,7 +253,11 @@ class ExporterWorker:
 
         threading.Thread(target=_shutdown, name=f"knhk-shutdown-{self.name}",
                          daemon=True).start()
-        finished = done.wait(remaining)
+        finished = done.wait(remaining + 0.05)  # a little slack for thread scheduling
+        if finished:
+            # the exporter is shut down, so a batch in flight settles at once: let the
+            # worker count it (kept on disk, failed) before the caller reads the stats
+            self._thread.join(max(0.1, deadline - time.monotonic()))
         if self._disk is not None:
             self._disk.close()
         return finished and drained and left == 0

@@ -10,6 +10,10 @@ rejects in a partial success are counted in ``spans_rejected`` and never
 retried; metric points likewise in ``metric_points_exported`` /
 ``metric_points_rejected`` / ``metric_points_failed``. Metrics go to
 ``MetricsService/Export`` over gRPC and to ``/v1/metrics`` over HTTP.
+:meth:`OtlpExporter.shutdown` leaves the counters complete: a batch whose
+send is still running at its deadline is counted as failed (``shutdown``)
+then, and never again. ``OtlpConfig(synchronous=True)`` has no sending
+queue: ``export`` sends on the caller's thread and returns the outcome.
 
 Configuration follows the OpenTelemetry specification's environment
 variables when an argument is left out: ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``,
@@ -97,6 +101,10 @@ class OtlpConfig:
         Batches waiting to be sent before new ones are refused (and counted).
     consumers : int
         Threads sending concurrently.
+    synchronous : bool
+        No sending queue (the Collector's ``sending_queue.enabled: false``):
+        :meth:`OtlpExporter.export` sends and retries on the caller's thread and
+        returns the final result; ``queue_size`` and ``consumers`` are unused.
     metrics_endpoint : str, optional
         Where metric batches go: gRPC ``host:port`` (default: ``endpoint``);
         HTTP the full URL of ``/v1/metrics`` (default: ``endpoint`` with
@@ -114,6 +122,7 @@ class OtlpConfig:
     queue_size: int = 1000
     consumers: int = 4
     metrics_endpoint: str | None = None
+    synchronous: bool = False
 
     def __post_init__(self) -> None:
         if self.protocol is not None and self.protocol not in _PROTOCOLS:
@@ -256,7 +265,11 @@ class OtlpExporter(Exporter):
         self._queue: queue.Queue = queue.Queue(self.config.queue_size)
         self._stop = threading.Event()
         self._closed = False
-        self._inflight = 0
+        # one token per batch being sent: whoever removes it (the send finishing, or
+        # shutdown giving up on it at its deadline) is the one who counts the batch
+        self._inflight: dict[object, tuple[int, bool]] = {}
+        #: batches shutdown counted as failed whose send still succeeded afterwards
+        self.late_successes = 0
         self.batches_exported = 0
         self.spans_exported = 0
         self.spans_rejected = 0
@@ -267,8 +280,9 @@ class OtlpExporter(Exporter):
         self.metric_points_failed = 0
         self.errors_by_reason: Counter[str] = Counter()
         self._setup_transport()
+        consumers = 0 if self.config.synchronous else self.config.consumers
         self._threads = [threading.Thread(target=self._consume, name=f"knhk-otlp-{i}",
-                                          daemon=True) for i in range(self.config.consumers)]
+                                          daemon=True) for i in range(consumers)]
         for t in self._threads:
             t.start()
 
@@ -370,7 +384,10 @@ class OtlpExporter(Exporter):
     # -- queue -------------------------------------------------------------------
 
     def export(self, batch: Any) -> ExportResult:
-        """Encode ``batch`` and queue it; FAILURE (counted) when the queue is full or closed."""
+        """Encode ``batch`` and queue it; FAILURE (counted) when the queue is full or closed.
+
+        With ``synchronous`` set, send it now (retrying) and return the outcome.
+        """
         metrics = isinstance(batch, MetricBatch)
         if not metrics and not isinstance(batch, SpanBatch):
             # neither spans nor metric points: counted (as one, if it has no rows), never raised
@@ -387,6 +404,20 @@ class OtlpExporter(Exporter):
             payload = encode_metrics_json(batch).encode() if json_out else encode_metrics(batch)
         else:
             payload = encode_traces_json(batch).encode() if json_out else encode_traces(batch)
+        if self.config.synchronous:
+            token = object()
+            with self._lock:
+                self._inflight[token] = (n, metrics)
+            try:
+                ok = self._deliver(payload, n, metrics, token)
+            except Exception:  # an exporter never takes the pipeline down
+                logger.exception("OTLP send failed")
+                self._fail("internal_error", n, metrics, token)
+                ok = False
+            finally:
+                with self._lock:
+                    self._inflight.pop(token, None)
+            return ExportResult.SUCCESS if ok else ExportResult.FAILURE
         # closed-check and enqueue under one lock, so shutdown() cannot slip in between
         # and leave this batch behind its consumers' stop markers
         with self._admit_lock:
@@ -411,8 +442,10 @@ class OtlpExporter(Exporter):
                 self._fail("shutdown", item[1], item[2])
             self._queue.task_done()
 
-    def _fail(self, reason: str, n: int, metrics: bool = False) -> None:
+    def _fail(self, reason: str, n: int, metrics: bool = False, token: object = None) -> None:
         with self._lock:
+            if token is not None and self._inflight.pop(token, None) is None:
+                return  # shutdown already counted this batch as failed at its deadline
             self.export_errors += 1
             if metrics:
                 self.metric_points_failed += n
@@ -429,29 +462,37 @@ class OtlpExporter(Exporter):
             if item is None:
                 self._queue.task_done()
                 return
+            token = object()
+            with self._lock:
+                self._inflight[token] = (item[1], item[2])
             try:
-                with self._lock:
-                    self._inflight += 1
-                self._deliver(*item)
+                self._deliver(*item, token)
             except Exception:  # an exporter never takes the pipeline down
                 logger.exception("OTLP consumer failed")
-                self._fail("internal_error", item[1], item[2])
+                self._fail("internal_error", item[1], item[2], token)
             finally:
                 with self._lock:
-                    self._inflight -= 1
+                    self._inflight.pop(token, None)
                 self._queue.task_done()
 
-    def _deliver(self, payload: bytes, n: int, metrics: bool = False) -> None:
+    def _deliver(self, payload: bytes, n: int, metrics: bool, token: object) -> bool:
+        """Send until delivered or given up on, counting the outcome once; True if delivered."""
         retry = self.config.retry
         backoff = Backoff(retry)
         start = time.monotonic()
         while True:
             if self._stop.is_set():
-                self._fail("shutdown", n, metrics)
-                return
+                self._fail("shutdown", n, metrics, token)
+                return False
             outcome = self._send(payload, self.config.timeout, metrics)
             if outcome.ok:
                 with self._lock:
+                    if self._inflight.pop(token, None) is None:
+                        # counted as failed when shutdown gave up on it; it arrived anyway
+                        self.late_successes += 1
+                        logger.info("OTLP: a batch of %d given up on at shutdown was "
+                                    "delivered afterwards", n)
+                        return True
                     self.batches_exported += 1
                     if metrics:
                         self.metric_points_exported += n - outcome.rejected
@@ -459,18 +500,18 @@ class OtlpExporter(Exporter):
                     else:
                         self.spans_exported += n - outcome.rejected
                         self.spans_rejected += outcome.rejected
-                return
+                return True
             if not outcome.retryable or not retry.enabled:
-                self._fail(outcome.reason, n, metrics)
-                return
+                self._fail(outcome.reason, n, metrics, token)
+                return False
             delay = outcome.delay if outcome.delay is not None else backoff.next_delay()
-            if time.monotonic() - start + delay > retry.max_elapsed_time:
-                self._fail(f"retries_exhausted:{outcome.reason}", n, metrics)
-                return
+            if retry.gives_up(time.monotonic() - start, delay):
+                self._fail(f"retries_exhausted:{outcome.reason}", n, metrics, token)
+                return False
             logger.debug("OTLP %s; retrying in %.3fs", outcome.reason, delay)
             if self._stop.wait(delay):
-                self._fail("shutdown", n, metrics)
-                return
+                self._fail("shutdown", n, metrics, token)
+                return False
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -479,7 +520,7 @@ class OtlpExporter(Exporter):
         deadline = time.monotonic() + (30.0 if timeout is None else timeout)
         while time.monotonic() < deadline:
             with self._lock:
-                if self._queue.unfinished_tasks == 0 and self._inflight == 0:
+                if self._queue.unfinished_tasks == 0 and not self._inflight:
                     return True
             time.sleep(0.005)
         return False
@@ -487,22 +528,36 @@ class OtlpExporter(Exporter):
     def shutdown(self, timeout: float | None = None) -> None:
         """Send what is queued until ``timeout`` (default 10 s); count the rest as failed.
 
-        Returns within ``timeout`` plus one attempt's send timeout at worst,
-        even with the backend down: waits between retries are cut short.
+        Returns within ``timeout`` (a few milliseconds more at worst), even
+        with the backend down or hung: waits between retries are
+        cut short, and a batch whose send attempt is still running then is
+        counted as failed (reason ``shutdown``) before this returns, so the
+        counters are complete when it does. If that attempt still succeeds
+        later, the batch is not counted again (only in ``late_successes``).
         """
         with self._admit_lock:
             if self._closed:
                 return
             self._closed = True
-        self.force_flush(10.0 if timeout is None else timeout)
+        total = 10.0 if timeout is None else max(0.0, timeout)
+        deadline = time.monotonic() + total
+        # the last tenth (at most 0.2 s) is for the consumers to stop and count
+        self.force_flush(max(0.0, deadline - min(0.2, total / 10) - time.monotonic()))
         self._stop.set()
         self._drop_queued()
         for _ in self._threads:
             self._queue.put(None)
-        end = time.monotonic() + 0.5
+        # consumers waiting between retries wake at once and count their batch; one
+        # stuck in a send is counted below, so no need to wait past the deadline for it
+        end = max(deadline, time.monotonic() + 0.01)
         for t in self._threads:
             t.join(max(0.0, end - time.monotonic()))
         self._drop_queued()  # anything still queued now has no consumer: count it
+        with self._lock:
+            abandoned = list(self._inflight.values())
+            self._inflight.clear()
+        for n, metrics in abandoned:
+            self._fail("shutdown", n, metrics)
         if self.config.protocol == "grpc":
             for channel in self._channels:
                 channel.close()

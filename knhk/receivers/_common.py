@@ -45,6 +45,20 @@ def set_memory_limiter(pipeline: Any, limiter: Any) -> None:
     While ``limiter.admit()`` is False (resident memory above its soft limit)
     requests are refused whole with the same retryable answer as a full
     pipeline (``UNAVAILABLE`` / 503 with retry info), so clients retry.
+    ``PipelineBuilder.with_memory_limiter`` calls this when it builds;
+    ``pipeline`` may also be anything a receiver is given to feed (``knhk
+    serve`` registers its router between receivers and pipelines).
+
+    Examples
+    --------
+    >>> from knhk.memory_limiter import MemoryLimiter
+    >>> class Target: ...
+    >>> t, lim = Target(), MemoryLimiter(1, 2, rss=lambda: 5 << 20)
+    >>> set_memory_limiter(t, lim)
+    >>> memory_limiter_of(t) is lim, _memory_refusal(t, 3, "spans").accepted
+    (True, False)
+    >>> set_memory_limiter(t, None); memory_limiter_of(t) is None
+    True
     """
     if limiter is None:
         _LIMITERS.pop(pipeline, None)

@@ -20,7 +20,11 @@ processors
     (flush interval). ``memory_limiter`` — ``limit_spans`` (ring-buffer
     capacity), ``strategy`` (``drop_oldest``/``drop_newest``/``block``; what
     ``record_batch`` does when full: the OTLP receivers always refuse with a
-    retryable status instead), ``block_timeout``. ``knhk_validation`` —
+    retryable status instead), ``block_timeout``; and the Collector's
+    ``check_interval``, ``limit_mib``, ``spike_limit_mib``,
+    ``limit_percentage``, ``spike_limit_percentage``: above limit − spike of
+    resident memory the OTLP receivers refuse with UNAVAILABLE / 503 and a
+    retry hint (clients keep the data and retry). ``knhk_validation`` —
     Weaver registry validation: ``registry`` (default ``./registry`` or the
     bundled one), ``violation``/``improvement``/``information``
     (``pass``/``drop``/``quarantine``), ``annotate``, ``quarantine`` (a
@@ -38,17 +42,30 @@ processors
     ``max_traces``, ``metrics`` (record them, default true), ``metrics_interval``.
 exporters
     ``otlp`` (gRPC: ``endpoint``, ``headers``, ``compression``, ``timeout``,
-    ``tls: {insecure, ca_file}``, ``sending_queue: {queue_size,
-    num_consumers}``, ``retry_on_failure: {enabled}``); ``otlphttp`` (the
+    ``tls: {insecure, ca_file}``, ``sending_queue: {enabled, queue_size,
+    num_consumers, storage}`` (``storage: file_storage/<name>``: a persistent
+    queue on disk, replayed after a crash or restart), ``retry_on_failure:
+    {enabled, initial_interval, max_interval, max_elapsed_time, multiplier,
+    randomization_factor}`` (``max_elapsed_time: 0`` retries for ever));
+    ``otlphttp`` (the
     same, ``endpoint`` being the base URL, plus ``traces_endpoint``,
     ``metrics_endpoint``, ``encoding: proto|json``); ``prometheus``
     (``endpoint``, ``cardinality_limit``, ``duration_buckets_ms``);
     ``jaeger`` (``endpoint`` of the agent, UDP); ``file`` — Arrow IPC files:
     ``path``, ``prefix``, ``compression`` (``lz4``/``zstd``/``none``),
-    ``rotation: {max_megabytes, max_age}``; ``debug`` (``verbosity``).
+    ``rotation: {max_megabytes, max_age}``; ``debug`` (``verbosity``);
+    ``loadbalancing`` — routes each span by a consistent (rendezvous) hash of
+    ``routing_key`` (``traceID``, ``service``; ``metric`` in metrics
+    pipelines) to one of several OTLP/gRPC endpoints, so each trace is whole
+    in one downstream instance: ``protocol: {otlp: {the otlp keys but
+    endpoint}}``, ``resolver`` — one of ``static: {hostnames}``, ``dns:
+    {hostname, port, interval, timeout}``, ``file: {path, interval}`` (one
+    ``host:port`` per line, re-read when it changes); ``drain_timeout``.
 extensions
     ``health_check`` — ``endpoint`` (default ``localhost:13133``), ``path``
     (``/``): 200 with a JSON status while serving, 503 while shutting down.
+    ``file_storage`` — ``directory``, ``create_directory``, ``fsync``: where
+    exporters' persistent sending queues live (one process per directory).
 service
     ``pipelines`` — ``traces[/name]`` and ``metrics[/name]``, each with
     ``receivers``, ``processors``, ``exporters``; ``extensions``;

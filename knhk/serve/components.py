@@ -54,7 +54,8 @@ from knhk.serve.config import ConfigError, component_type, parse_duration
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Built", "DebugExporter", "ServiceGraphStage", "build", "default_registry"]
+__all__ = ["Built", "DebugExporter", "ServiceGraphStage", "build", "default_registry",
+           "otlp_config_from"]
 
 
 def default_registry() -> str | None:
@@ -390,42 +391,151 @@ def _split(endpoint: str) -> tuple[str, int]:
     return host.strip("[]") or "localhost", int(port)
 
 
+def otlp_config_from(body: Mapping[str, Any], where: str, protocol: str) -> Any:
+    """The :class:`~knhk.exporters.otlp.OtlpConfig` of an ``otlp`` / ``otlphttp`` body.
+
+    Parameters
+    ----------
+    body : mapping
+        The exporter's checked keys (``endpoint``, ``tls``, ``sending_queue``,
+        ``retry_on_failure``, ...).
+    where : str
+        Its key path, named in errors (``exporters.otlp/backend``).
+    protocol : {"grpc", "http"}
+        ``grpc`` reads the ``otlp`` exporter's keys; ``http`` the ``otlphttp``
+        exporter's (``encoding`` picks ``http/protobuf`` or ``http/json``).
+
+    Returns
+    -------
+    OtlpConfig
+        ``retry_on_failure`` mapped onto its ``retry``; ``sending_queue`` onto
+        ``queue_size`` / ``consumers``, or ``synchronous`` when
+        ``sending_queue.enabled`` is false. (``sending_queue.storage`` is the
+        pipeline's business: see :func:`_storage_directory`.)
+
+    Examples
+    --------
+    >>> c = otlp_config_from({"endpoint": "collector:4317", "tls": {"insecure": True},
+    ...                       "retry_on_failure": {"initial_interval": "1s"}},
+    ...                      "exporters.otlp", "grpc")
+    >>> c.endpoint, c.protocol, c.retry.initial_interval
+    ('collector:4317', 'grpc', 1.0)
+    """
+    from knhk.exporters.otlp import OtlpConfig
+    from knhk.serve.config import retry_config
+
+    tls = body.get("tls") or {}
+    queue = body.get("sending_queue") or {}
+    endpoint = body.get("endpoint")
+    metrics_endpoint = None
+    if protocol == "grpc":
+        if not endpoint:
+            raise ConfigError(f"{where}.endpoint: required (host:port of the OTLP/gRPC "
+                              "server)")
+    else:
+        protocol = "http/json" if body.get("encoding") == "json" else "http/protobuf"
+        base = (endpoint or "").rstrip("/")
+        endpoint = body.get("traces_endpoint") or (base + "/v1/traces" if base else None)
+        metrics_endpoint = body.get("metrics_endpoint") or (
+            base + "/v1/metrics" if base else None)
+        if not endpoint:
+            raise ConfigError(f"{where}.endpoint: required (the base URL, "
+                              "e.g. http://localhost:4318)")
+    compression = body.get("compression")
+    try:
+        retry = retry_config(body.get("retry_on_failure"))
+    except ValueError as exc:
+        raise ConfigError(f"{where}.retry_on_failure: {exc}") from None
+    return OtlpConfig(
+        endpoint=endpoint, protocol=protocol, headers=body.get("headers"),
+        compression=None if compression == "none" else compression,
+        timeout=parse_duration(body["timeout"]) if "timeout" in body else None,
+        insecure=tls.get("insecure"), certificate_file=tls.get("ca_file"),
+        retry=retry,
+        queue_size=queue.get("queue_size", 1000), consumers=queue.get("num_consumers", 4),
+        metrics_endpoint=metrics_endpoint, synchronous=queue.get("enabled", True) is False)
+
+
+def _storage_directory(eid: str, body: Mapping[str, Any], pid: str,
+                       config: Mapping[str, Any]) -> tuple[str, bool] | None:
+    """``(directory, fsync)`` of the persistent queue an exporter's
+    ``sending_queue.storage`` names, made and checked; None without one.
+
+    Each exporter of each pipeline gets its own subdirectory of the
+    file_storage directory (a queue belongs to one exporter).
+    """
+    storage = (body.get("sending_queue") or {}).get("storage")
+    if not storage:
+        return None
+    ext = (config.get("extensions") or {}).get(storage) or {}
+    name = f"exporter_{eid}_{pid}".replace("/", "_")
+    directory = _check_writable(
+        os.path.join(ext.get("directory") or ".", name),
+        f"extensions.{storage}.directory (for exporters.{eid}.sending_queue.storage)")
+    return directory, bool(ext.get("fsync", False))
+
+
 def _exporter(eid: str, body: Mapping[str, Any], pid: str, built: Built) -> Any:
     ctype = component_type(eid)
     where = f"exporters.{eid}"
     if ctype in ("otlp", "otlphttp"):
-        from knhk.exporters._retry import RetryConfig
-        from knhk.exporters.otlp import OtlpConfig, OtlpExporter
+        from knhk.exporters.otlp import OtlpExporter
 
-        tls = body.get("tls") or {}
-        queue = body.get("sending_queue") or {}
-        endpoint = body.get("endpoint")
-        metrics_endpoint = None
-        if ctype == "otlp":
-            protocol = "grpc"
-            if not endpoint:
-                raise ConfigError(f"{where}.endpoint: required (host:port of the OTLP/gRPC "
-                                  "server)")
-        else:
-            protocol = "http/json" if body.get("encoding") == "json" else "http/protobuf"
-            base = (endpoint or "").rstrip("/")
-            endpoint = body.get("traces_endpoint") or (base + "/v1/traces" if base else None)
-            metrics_endpoint = body.get("metrics_endpoint") or (
-                base + "/v1/metrics" if base else None)
-            if not endpoint:
-                raise ConfigError(f"{where}.endpoint: required (the base URL, "
-                                  "e.g. http://localhost:4318)")
-        compression = body.get("compression")
-        config = OtlpConfig(
-            endpoint=endpoint, protocol=protocol, headers=body.get("headers"),
-            compression=None if compression == "none" else compression,
-            timeout=parse_duration(body["timeout"]) if "timeout" in body else None,
-            insecure=tls.get("insecure"), certificate_file=tls.get("ca_file"),
-            retry=RetryConfig(enabled=(body.get("retry_on_failure") or {}).get("enabled", True)),
-            queue_size=queue.get("queue_size", 1000), consumers=queue.get("num_consumers", 4),
-            metrics_endpoint=metrics_endpoint)
+        config = otlp_config_from(body, where, "grpc" if ctype == "otlp" else "http")
         exporter = OtlpExporter(config)
-        built.writing.append((f"{pid} {eid}", f"{protocol} {endpoint}"))
+        built.writing.append((f"{pid} {eid}", f"{config.protocol} {config.endpoint}"))
+        return exporter
+    if ctype == "loadbalancing":
+        import dataclasses
+
+        from knhk.exporters.loadbalancing import (
+            DnsResolver,
+            FileResolver,
+            LoadBalancingExporter,
+            StaticResolver,
+        )
+
+        signal = component_type(pid)
+        key = body.get("routing_key", "traceID" if signal == "traces" else "service")
+        if (signal, key) in (("traces", "metric"), ("metrics", "traceID")):
+            raise ConfigError(f"{where}.routing_key: {key!r} cannot route the {signal} of "
+                              f"pipeline {pid!r}; use " +
+                              ("traceID or service" if signal == "traces" else
+                               "service or metric"))
+        proto = dict((body.get("protocol") or {}).get("otlp") or {})
+        if (proto.get("sending_queue") or {}).get("storage"):
+            raise ConfigError(f"{where}.protocol.otlp.sending_queue.storage: a persistent "
+                              "queue per endpoint is not supported by loadbalancing")
+        # the otlp exporter's own reading of its keys, with the endpoint left to the resolver
+        template = dataclasses.replace(
+            otlp_config_from({**proto, "endpoint": "resolver:0"}, f"{where}.protocol.otlp",
+                             "grpc"), endpoint=None, metrics_endpoint=None)
+        kind, spec = next(iter((body.get("resolver") or {}).items()), (None, None))
+        spec = spec or {}
+        if kind == "static":
+            resolver: Any = StaticResolver(spec.get("hostnames") or [])
+        elif kind == "dns":
+            resolver = DnsResolver(spec.get("hostname", ""), spec.get("port", 4317),
+                                   interval=parse_duration(spec.get("interval", "5s")),
+                                   timeout=parse_duration(spec.get("timeout", "1s")))
+        elif kind == "file":
+            if not spec.get("path"):
+                raise ConfigError(f"{where}.resolver.file.path: required (a file with one "
+                                  "host:port per line)")
+            resolver = FileResolver(os.path.abspath(spec["path"]),
+                                    interval=parse_duration(spec.get("interval", "1s")))
+        else:
+            raise ConfigError(f"{where}.resolver: required: static, dns or file")
+        try:
+            exporter = LoadBalancingExporter(
+                resolver=resolver, protocol=template,
+                routing_key="service" if key == "service" else "traceID",
+                metric_routing_key="metric" if key == "metric" else "service",
+                drain_timeout=parse_duration(body.get("drain_timeout", "10s")))
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot start: {_reason(exc)}") from None
+        built.writing.append((f"{pid} {eid}", f"load balancing by {key} over OTLP/gRPC "
+                              f"({resolver.describe()})"))
         return exporter
     if ctype == "prometheus":
         host, port = _split(body.get("endpoint", "localhost:9464"))
@@ -505,6 +615,14 @@ def _pipeline(pid: str, body: Mapping[str, Any], config: Mapping[str, Any],
                     builder.with_flush_interval(parse_duration(p["timeout"]))
             elif ctype == "memory_limiter":
                 capacity = p.get("limit_spans", capacity)
+                from knhk.serve.config import memory_limiter_settings
+
+                limiter = memory_limiter_settings(p)
+                if limiter is not None:
+                    builder.with_memory_limiter(limiter)
+                    built.writing.append((f"{pid} {name}", (
+                        f"refusing data above {limiter.soft_limit / 2**20:.0f} MiB resident "
+                        f"(hard limit {limiter.hard_limit / 2**20:.0f} MiB)")))
                 strategy = p.get("strategy")
                 if strategy is not None:
                     timeout = parse_duration(p["block_timeout"]) if "block_timeout" in p \
@@ -582,7 +700,21 @@ def _pipeline(pid: str, body: Mapping[str, Any], config: Mapping[str, Any],
         if component_type(eid) == "prometheus":
             prom.append(exporter)
         exporters.append(exporter)
-        builder.with_exporter(exporter)
+        storage = _storage_directory(eid, defined.get(eid) or {}, pid, config)
+        if storage is None:
+            builder.with_exporter(exporter)
+        else:
+            from knhk.exporters._persistent_queue import PersistentQueue
+
+            # the Collector's persistent queue: queue_size batches, kept on disk
+            size = ((defined.get(eid) or {}).get("sending_queue") or {}).get("queue_size", 1000)
+            try:
+                queue = PersistentQueue(storage[0], fsync=storage[1])
+            except OSError as exc:
+                raise ConfigError(f"exporters.{eid}.sending_queue.storage: cannot open the "
+                                  f"queue in {storage[0]!r}: {exc.strerror or exc}") from None
+            builder.with_exporter(exporter, queue_size=size, persistent_queue=queue)
+            built.writing.append((f"{pid} {eid}", f"persistent queue in {storage[0]}"))
     for exporter in prom:
         for proc in windows:
             exporter.add_stream_processor(proc)
@@ -633,12 +765,25 @@ def build(config: Mapping[str, Any], *,
                 routes.setdefault(rid, {})[component_type(pid)] = built.pipelines[pid]
         for rid, signals in routes.items():
             router = _Router(signals.get("traces"), signals.get("metrics"))
+            _route_memory_limiter(router)
             built.receivers.extend(_receivers(rid, receivers.get(rid) or {}, router))
     except BaseException:
         for pipeline in built.pipelines.values():
             pipeline.shutdown(1.0)
         raise
     return built
+
+
+def _route_memory_limiter(router: _Router) -> None:
+    """A receiver consults the memory limiter of the pipelines it feeds (resident
+    memory is the whole process's: the first limiter set is enough, and the
+    strictest soft limit when both pipelines have one)."""
+    from knhk.receivers._common import memory_limiter_of, set_memory_limiter
+
+    limiters = [lim for lim in (memory_limiter_of(p) for p in (router.traces, router.metrics)
+                                if p is not None) if lim is not None]
+    if limiters:
+        set_memory_limiter(router, min(limiters, key=lambda lim: lim.soft_limit))
 
 
 def _receivers(rid: str, body: Mapping[str, Any], router: _Router) -> list[tuple[str, str, Any]]:

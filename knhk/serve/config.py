@@ -132,6 +132,10 @@ POS_INT = _Kind("a positive integer", lambda v: None if _is_int(v) and v > 0
 NUM = _Kind("a number", lambda v: None if _is_num(v) else f"expected a number, got {v!r}")
 RATE = _Kind("a number in [0, 1]", lambda v: None if _is_num(v) and 0 <= v <= 1
              else f"expected a number in [0, 1], got {v!r}")
+NON_NEG = _Kind("a number >= 0", lambda v: None if _is_num(v) and v >= 0
+                else f"expected a number >= 0, got {v!r}")
+PERCENT = _Kind("a percentage (0-100)", lambda v: None if _is_num(v) and 0 <= v <= 100
+                else f"expected a percentage from 0 to 100, got {v!r}")
 BOOL = _Kind("true or false", lambda v: None if isinstance(v, bool)
              else f"expected true or false, got {v!r}")
 DURATION = _Kind("a duration", _duration_error)
@@ -190,7 +194,11 @@ PROCESSORS: dict[str, dict[str, Any]] = {
     "batch": {"send_batch_size": POS_INT, "timeout": DURATION},
     "memory_limiter": {"limit_spans": POS_INT,
                        "strategy": _one_of("refuse", "drop_oldest", "drop_newest", "block"),
-                       "block_timeout": DURATION},
+                       "block_timeout": DURATION,
+                       # the Collector's: resident memory limits (knhk.MemoryLimiter)
+                       "check_interval": DURATION, "limit_mib": NON_NEG,
+                       "spike_limit_mib": NON_NEG, "limit_percentage": PERCENT,
+                       "spike_limit_percentage": PERCENT},
     "knhk_validation": {"registry": STR, "violation": _one_of(*_LEVELS),
                         "improvement": _one_of(*_LEVELS), "information": _one_of(*_LEVELS),
                         "annotate": BOOL, "quarantine": STR},
@@ -208,8 +216,9 @@ PROCESSORS: dict[str, dict[str, Any]] = {
 }
 
 _TLS = {"insecure": BOOL, "ca_file": STR}
-_QUEUE = {"enabled": BOOL, "queue_size": POS_INT, "num_consumers": POS_INT}
-_RETRY = {"enabled": BOOL}
+_QUEUE = {"enabled": BOOL, "queue_size": POS_INT, "num_consumers": POS_INT, "storage": STR}
+_RETRY = {"enabled": BOOL, "initial_interval": DURATION, "max_interval": DURATION,
+          "max_elapsed_time": DURATION, "multiplier": NUM, "randomization_factor": RATE}
 
 EXPORTERS: dict[str, dict[str, Any]] = {
     "otlp": {"endpoint": STR, "headers": _map_of(STR), "compression": _one_of("gzip", "none"),
@@ -227,8 +236,52 @@ EXPORTERS: dict[str, dict[str, Any]] = {
     "debug": {"verbosity": _one_of("basic", "normal", "detailed")},
 }
 
+
+def _lb_hostnames_error(v: Any) -> str | None:
+    from knhk.exporters.loadbalancing import normalize_endpoint
+
+    if not isinstance(v, list) or not v:
+        return f"expected a non-empty list of 'host:port', got {v!r}"
+    for i, item in enumerate(v):
+        try:
+            normalize_endpoint(item, f"item {i}")
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
+_LB_RESOLVERS = {
+    "static": {"hostnames": _Kind("a list of host:port", _lb_hostnames_error)},
+    "dns": {"hostname": STR, "port": POS_INT, "interval": DURATION, "timeout": DURATION},
+    "file": {"path": STR, "interval": DURATION},  # a knhk extension
+}
+
+
+def _lb_resolver_error(v: Any) -> str | None:
+    # one resolver and one only, so checked whole: errors name the path below it
+    if not isinstance(v, Mapping) or len(v) != 1 or next(iter(v)) not in _LB_RESOLVERS:
+        got = sorted(v) if isinstance(v, Mapping) else v
+        return f"name exactly one resolver (static, dns or file), got {got!r}"
+    try:
+        _check(v, _LB_RESOLVERS, (), None)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+# the Collector's loadbalancing exporter: protocol.otlp takes the otlp exporter's keys
+# but the endpoint, which the resolver gives
+EXPORTERS["loadbalancing"] = {
+    "routing_key": _one_of("traceID", "service", "metric"),
+    "protocol": {"otlp": {k: v for k, v in EXPORTERS["otlp"].items() if k != "endpoint"}},
+    "resolver": _Kind("a resolver", _lb_resolver_error),
+    "drain_timeout": DURATION,  # a knhk extension: how long a removed endpoint may drain
+}
+
 EXTENSIONS: dict[str, dict[str, Any]] = {
     "health_check": {"endpoint": ENDPOINT, "path": STR},
+    # the Collector's file_storage: where exporters' persistent sending queues live
+    "file_storage": {"directory": STR, "create_directory": BOOL, "fsync": BOOL},
 }
 
 _SECTIONS = {"receivers": RECEIVERS, "processors": PROCESSORS, "exporters": EXPORTERS,
@@ -540,6 +593,7 @@ def validate_config(config: Mapping[str, Any], *, lines: _Lines | None = None) -
                 _check_tail(body, path, lines)
     _check(config.get("service"), _SERVICE, ("service",), lines)
     _check_service(config, lines)
+    _check_reliability(config, lines)
 
 
 def _check_tail(body: Mapping[str, Any], path: tuple[str, ...], lines: _Lines | None) -> None:
@@ -605,6 +659,123 @@ def _check_service(config: Mapping[str, Any], lines: _Lines | None) -> None:
                                       f"receiver {name!r} already feeds {signal} pipeline "
                                       f"{same[0]!r}; knhk feeds one {signal} pipeline "
                                       "per receiver")
+
+
+def _check_reliability(config: Mapping[str, Any], lines: _Lines | None) -> None:
+    """Memory limits, retry schedules and persistent queues hold together."""
+    for pid, body in (config.get("processors") or {}).items():
+        if component_type(str(pid)) != "memory_limiter" or not body:
+            continue
+        path = ("processors", str(pid))
+        try:
+            memory_limiter_settings(body)
+        except ValueError as exc:
+            text = str(exc)
+            key = next((k for k in ("spike_limit_percentage", "spike_limit_mib",
+                                    "limit_percentage", "limit_mib", "check_interval")
+                        if text.startswith(k)), None)
+            raise ConfigError(_where(lines, (*path, key) if key and key in body else path)
+                              + text) from None
+    extensions = config.get("extensions") or {}
+    enabled = set((config.get("service") or {}).get("extensions") or [])
+    for eid, body in (config.get("exporters") or {}).items():
+        body = body or {}
+        path = ("exporters", str(eid))
+        retry = body.get("retry_on_failure")
+        if retry:
+            try:
+                retry_config(retry)
+            except ValueError as exc:
+                raise ConfigError(_where(lines, (*path, "retry_on_failure")) + str(exc)
+                                  ) from None
+        queue = body.get("sending_queue") or {}
+        storage = queue.get("storage")
+        if storage is None:
+            continue
+        where = _where(lines, (*path, "sending_queue", "storage"))
+        if queue.get("enabled", True) is False:
+            raise ConfigError(where + "a storage needs the sending queue: remove storage or "
+                              "set sending_queue.enabled: true")
+        if storage not in extensions:
+            raise ConfigError(where + f"extension {storage!r} is not defined under extensions")
+        if component_type(storage) != "file_storage":
+            raise ConfigError(where + f"extension {storage!r} is a "
+                              f"{component_type(storage)}, not a file_storage")
+        if storage not in enabled:
+            raise ConfigError(where + f"extension {storage!r} is not enabled: list it in "
+                              "service.extensions")
+    for xid, body in extensions.items():
+        if component_type(str(xid)) == "file_storage":
+            _check_storage_directory(body or {}, ("extensions", str(xid)), lines)
+
+
+def memory_limiter_settings(body: Mapping[str, Any]) -> Any:
+    """The ``knhk.MemoryLimiter`` a ``memory_limiter`` processor's Collector keys ask for.
+
+    None when the body sets no memory limit (only ``limit_spans``, the
+    ring-buffer capacity); raises ValueError naming the key that is wrong.
+
+    >>> memory_limiter_settings({"limit_mib": 512, "spike_limit_mib": 128}).soft_limit >> 20
+    384
+    >>> memory_limiter_settings({"limit_spans": 1000}) is None
+    True
+    """
+    from knhk.memory_limiter import MemoryLimiter
+
+    keys = ("limit_mib", "spike_limit_mib", "limit_percentage", "spike_limit_percentage")
+    if not any(k in body for k in (*keys, "check_interval")):
+        return None
+    interval = parse_duration(body.get("check_interval", "1s"))
+    if interval <= 0:
+        raise ValueError("check_interval must be a duration > 0 (the Collector recommends 1s)")
+    return MemoryLimiter.from_collector(check_interval=interval,
+                                        **{k: body[k] for k in keys if k in body})
+
+
+def retry_config(body: Mapping[str, Any] | None) -> Any:
+    """The ``RetryConfig`` of an exporter's ``retry_on_failure`` (Collector defaults).
+
+    >>> retry_config({"initial_interval": "1s", "max_elapsed_time": 0}).max_elapsed_time
+    0.0
+    """
+    from knhk.exporters._retry import RetryConfig
+
+    body = body or {}
+    fields: dict[str, Any] = {}
+    if "enabled" in body:
+        fields["enabled"] = body["enabled"]
+    for key in ("initial_interval", "max_interval", "max_elapsed_time"):
+        if key in body:
+            fields[key] = parse_duration(body[key])
+    for key in ("multiplier", "randomization_factor"):
+        if key in body:
+            fields[key] = float(body[key])
+    return RetryConfig(**fields)
+
+
+def _check_storage_directory(body: Mapping[str, Any], path: tuple[str, ...],
+                             lines: _Lines | None) -> None:
+    """A file_storage directory must be given and writable (or creatable, if allowed)."""
+    directory = body.get("directory")
+    where = _where(lines, (*path, "directory"))
+    if not directory:
+        raise ConfigError(_where(lines, path) + "directory: required (where the persistent "
+                          "queues are kept)")
+    full = os.path.abspath(directory)
+    if os.path.exists(full):
+        if not os.path.isdir(full):
+            raise ConfigError(where + f"{full!r} is not a directory")
+        if not os.access(full, os.W_OK | os.X_OK):
+            raise ConfigError(where + f"{full!r} is not writable")
+        return
+    if not body.get("create_directory", False):
+        raise ConfigError(where + f"{full!r} does not exist (create it, or set "
+                          "create_directory: true)")
+    parent = os.path.dirname(full)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(where + f"{full!r} cannot be created: {parent!r} is not writable")
 
 
 def default_config() -> dict[str, Any]:
