@@ -27,7 +27,7 @@ def _versions() -> dict[str, str]:
 
     out = {}
     for dist in ("numpy", "pyarrow", "PyYAML", "grpcio", "protobuf", "opentelemetry-proto",
-                 "prometheus-client", "lz4", "Cython"):
+                 "prometheus-client", "lz4", "google-re2", "Cython"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -804,6 +804,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``knhk info | head -1``): exit 1 without a message.
+
+    As the Python documentation advises for SIGPIPE (``signal`` module, "Note on
+    SIGPIPE"): stdout's descriptor is pointed at devnull so that Python's flush at
+    exit does not raise a second BrokenPipeError.
+    """
+    with contextlib.suppress(OSError, ValueError):   # ValueError: stdout has no descriptor
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "spans", 1) is not None and getattr(args, "spans", 1) < 0:
@@ -812,9 +826,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from knhk.errors import KnhkError
 
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        # a closed pipe must surface here, not in the interpreter's flush at exit
+        sys.stdout.flush()
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _stdout_closed()
     except (KnhkError, ValueError, OSError, ImportError) as exc:
         # user mistakes and missing optional extras: one line, no traceback
         print(f"knhk {args.command}: error: {exc}", file=sys.stderr)

@@ -32,7 +32,8 @@ Example
 -------
 >>> import tempfile, knhk
 >>> from knhk.exporters.ipc import IpcExporter
->>> recorder = IpcExporter(tempfile.mkdtemp())
+>>> tmp = tempfile.TemporaryDirectory()
+>>> recorder = IpcExporter(tmp.name)
 >>> _ = recorder.export(knhk.SpanBatch.from_spans(
 ...     [knhk.Span("GET /", trace_id=1, span_id=s, start_time_ns=s * 1000) for s in (1, 2)]))
 >>> recorder.shutdown()
@@ -41,6 +42,7 @@ Example
 ...     stats = replay(recorder.files, pipeline)
 >>> stats.spans, stats.rows_accepted, sink.spans().num_rows
 (2, 2, 2)
+>>> tmp.cleanup()
 """
 
 from __future__ import annotations
@@ -442,11 +444,13 @@ def read_batches(sources: Source | Iterable[Source], *, verify: bool = True,
     --------
     >>> import tempfile, knhk
     >>> from knhk.exporters.ipc import IpcExporter
-    >>> recorder = IpcExporter(tempfile.mkdtemp())
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> recorder = IpcExporter(tmp.name)
     >>> _ = recorder.export(knhk.SpanBatch.from_spans([knhk.Span("op", trace_id=1, span_id=1)]))
     >>> recorder.shutdown()
     >>> [b.to_pylist()[0]["name"] for b in read_batches(recorder.directory)]
     ['op']
+    >>> tmp.cleanup()
     """
     paths = _expand(sources)
     run_stats = stats if stats is not None else ReplayStats()

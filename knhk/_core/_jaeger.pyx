@@ -27,6 +27,7 @@ import numpy as np
 
 cimport numpy as cnp
 
+from knhk._core._buffer cimport Vec, vec_free, vec_reserve
 from knhk._core._ids cimport be64, id_hash
 
 cnp.import_array()
@@ -50,36 +51,7 @@ cdef enum:
     TAG_BINARY = 4
 
 
-# -- growable byte buffer -----------------------------------------------------------
-
-cdef struct Vec:
-    char* p
-    Py_ssize_t n
-    Py_ssize_t cap
-
-
-cdef inline int vec_reserve(Vec* v, Py_ssize_t extra) noexcept nogil:
-    cdef Py_ssize_t cap
-    cdef char* q
-    if v.n + extra <= v.cap:
-        return 0
-    cap = v.cap * 2 if v.cap else 1024
-    while cap < v.n + extra:
-        cap *= 2
-    q = <char*>realloc(v.p, cap)
-    if q == NULL:
-        return -1
-    v.p = q
-    v.cap = cap
-    return 0
-
-
-cdef inline void vec_free(Vec* v) noexcept nogil:
-    free(v.p)
-    v.p = NULL
-    v.n = 0
-    v.cap = 0
-
+# -- writes into a Vec the caller reserved room in -----------------------------------
 
 cdef inline void wbyte(Vec* o, uint8_t b) noexcept nogil:
     # caller reserved room

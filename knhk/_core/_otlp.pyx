@@ -26,88 +26,9 @@ from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memset
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 
-
-# -- growable byte buffer -----------------------------------------------------------
-
-cdef struct Vec:
-    char* p
-    Py_ssize_t n
-    Py_ssize_t cap
-
-
-cdef int vec_grow(Vec* v, Py_ssize_t extra) noexcept nogil:
-    cdef Py_ssize_t cap = v.cap * 2 if v.cap else 1024
-    cdef char* q
-    while cap < v.n + extra:
-        cap *= 2
-    q = <char*>realloc(v.p, cap)
-    if q == NULL:
-        return -1
-    v.p = q
-    v.cap = cap
-    return 0
-
-
-cdef inline int vec_reserve(Vec* v, Py_ssize_t extra) noexcept nogil:
-    if v.n + extra <= v.cap:
-        return 0
-    return vec_grow(v, extra)
-
-
-cdef inline int vec_put(Vec* v, const void* src, Py_ssize_t k) noexcept nogil:
-    if vec_reserve(v, k) < 0:
-        return -1
-    if k:
-        memcpy(v.p + v.n, src, k)
-    v.n += k
-    return 0
-
-
-cdef inline int put_i32(Vec* v, int32_t x) noexcept nogil:
-    if v.n + 4 > v.cap and vec_grow(v, 4) < 0:
-        return -1
-    (<int32_t*>(v.p + v.n))[0] = x
-    v.n += 4
-    return 0
-
-
-cdef inline int put_u32(Vec* v, uint32_t x) noexcept nogil:
-    if v.n + 4 > v.cap and vec_grow(v, 4) < 0:
-        return -1
-    (<uint32_t*>(v.p + v.n))[0] = x
-    v.n += 4
-    return 0
-
-
-cdef inline int put_i64(Vec* v, int64_t x) noexcept nogil:
-    if v.n + 8 > v.cap and vec_grow(v, 8) < 0:
-        return -1
-    memcpy(v.p + v.n, &x, 8)
-    v.n += 8
-    return 0
-
-
-cdef inline int put_f64(Vec* v, double x) noexcept nogil:
-    if v.n + 8 > v.cap and vec_grow(v, 8) < 0:
-        return -1
-    memcpy(v.p + v.n, &x, 8)
-    v.n += 8
-    return 0
-
-
-cdef inline int put_u8(Vec* v, uint8_t x) noexcept nogil:
-    if v.n + 1 > v.cap and vec_grow(v, 1) < 0:
-        return -1
-    v.p[v.n] = <char>x
-    v.n += 1
-    return 0
-
-
-cdef inline void vec_free(Vec* v) noexcept nogil:
-    free(v.p)
-    v.p = NULL
-    v.n = 0
-    v.cap = 0
+from knhk._core._buffer cimport (
+    Vec, put_f64, put_i32, put_i64, put_u8, put_u32, vec_free, vec_put, vec_reserve,
+)
 
 
 # -- strings: int32 offsets + data, as Arrow lays them out ----------------------------
@@ -1080,16 +1001,91 @@ cdef int parse_span(Dec* d, const uint8_t* p, const uint8_t* end, int32_t res_ix
     return 0
 
 
+# -- Resource and InstrumentationScope: shared by the trace and metrics decoders ------------
+
+cdef int parse_resource(Dec* d, AttrTab* attrs, const uint8_t* p, const uint8_t* end,
+                        uint32_t* dropped) noexcept nogil:
+    """A Resource: its attributes appended to ``attrs``, its dropped count in ``dropped``."""
+    cdef uint32_t f
+    cdef int wt
+    cdef uint64_t u
+    cdef const uint8_t* v
+    cdef Py_ssize_t k
+    while p < end:
+        if rd_tag(d, &p, end, &f, &wt, "Resource") < 0:
+            return -1
+        if wt == WT_LEN and f == 1:
+            if rd_len(d, &p, end, &v, &k, "Resource.attributes") < 0:
+                return -1
+            if parse_kv(d, attrs, v, v + k, "Resource.attributes") < 0:
+                return -1
+        elif wt == WT_VARINT and f == 2:
+            if rd_varint(d, &p, end, &u, "Resource") < 0:
+                return -1
+            dropped[0] = <uint32_t>u
+        elif skip(d, &p, end, wt, "Resource") < 0:
+            return -1
+    return 0
+
+
+cdef int parse_scope(Dec* d, AttrTab* attrs, const uint8_t* p, const uint8_t* end,
+                     const uint8_t** name, Py_ssize_t* name_n, const uint8_t** ver,
+                     Py_ssize_t* ver_n, uint32_t* dropped) noexcept nogil:
+    """An InstrumentationScope. Its attributes go to ``attrs`` (skipped if NULL).
+
+    Fields absent from the message leave their outputs as they were: a scope
+    sent twice merges as protobuf merges it.
+    """
+    cdef uint32_t f
+    cdef int wt
+    cdef uint64_t u
+    cdef const uint8_t* v
+    cdef Py_ssize_t k
+    while p < end:
+        if rd_tag(d, &p, end, &f, &wt, "InstrumentationScope") < 0:
+            return -1
+        if wt == WT_LEN and (f == 1 or f == 2 or (f == 3 and attrs != NULL)):
+            if rd_len(d, &p, end, &v, &k, "InstrumentationScope") < 0:
+                return -1
+            if f == 1:
+                name[0], name_n[0] = v, k
+            elif f == 2:
+                ver[0], ver_n[0] = v, k
+            elif parse_kv(d, attrs, v, v + k, "InstrumentationScope.attributes") < 0:
+                return -1
+        elif wt == WT_VARINT and f == 4:
+            if rd_varint(d, &p, end, &u, "InstrumentationScope") < 0:
+                return -1
+            dropped[0] = <uint32_t>u
+        elif skip(d, &p, end, wt, "InstrumentationScope") < 0:
+            return -1
+    return 0
+
+
+cdef inline bint service_name_at(const AttrTab* a, Py_ssize_t j, const uint8_t** v,
+                                 Py_ssize_t* n) noexcept nogil:
+    """Whether attribute ``j`` of ``a`` is a string ``service.name``; its value in ``v``, ``n``."""
+    cdef int32_t kj = (<const int32_t*>a.key.p)[j]
+    cdef int32_t sj
+    cdef const int32_t* koff = <const int32_t*>a.keys.s.off.p
+    cdef const int32_t* soff
+    if (koff[kj + 1] - koff[kj] != 12 or a.type.p[j] != 1
+            or memcmp(a.keys.s.data.p + koff[kj], b"service.name", 12) != 0):
+        return False
+    sj = (<const int32_t*>a.str.p)[j]
+    soff = <const int32_t*>a.strs.s.off.p
+    v[0] = <const uint8_t*>a.strs.s.data.p + soff[sj]
+    n[0] = soff[sj + 1] - soff[sj]
+    return True
+
+
 cdef int parse_scope_spans(Dec* d, const uint8_t* p, const uint8_t* end,
                            int32_t res_ix) noexcept nogil:
-    cdef uint32_t f, f2
-    cdef int wt, wt2
-    cdef uint64_t u = 0
+    cdef uint32_t f
+    cdef int wt
     cdef uint32_t dropped = 0
     cdef const uint8_t* s
-    cdef const uint8_t* q
-    cdef const uint8_t* v
-    cdef Py_ssize_t k, kv
+    cdef Py_ssize_t k
     cdef const uint8_t* name = NULL
     cdef Py_ssize_t name_n = 0
     cdef const uint8_t* ver = NULL
@@ -1112,27 +1108,9 @@ cdef int parse_scope_spans(Dec* d, const uint8_t* p, const uint8_t* end,
                 return -1
         elif f == 3:
             url, url_n = s, k
-        else:
-            q = s
-            while q < s + k:
-                if rd_tag(d, &q, s + k, &f2, &wt2, "InstrumentationScope") < 0:
-                    return -1
-                if wt2 == WT_LEN and f2 <= 3:
-                    if rd_len(d, &q, s + k, &v, &kv, "InstrumentationScope") < 0:
-                        return -1
-                    if f2 == 1:
-                        name, name_n = v, kv
-                    elif f2 == 2:
-                        ver, ver_n = v, kv
-                    elif parse_kv(d, &d.sc_attrs, v, v + kv,
-                                  "InstrumentationScope.attributes") < 0:
-                        return -1
-                elif wt2 == WT_VARINT and f2 == 4:
-                    if rd_varint(d, &q, s + k, &u, "InstrumentationScope") < 0:
-                        return -1
-                    dropped = <uint32_t>u
-                elif skip(d, &q, s + k, wt2, "InstrumentationScope") < 0:
-                    return -1
+        elif parse_scope(d, &d.sc_attrs, s, s + k, &name, &name_n, &ver, &ver_n,
+                         &dropped) < 0:
+            return -1
     if (put_interned(d, &d.sc_names, &d.sc_name, name, name_n, True,
                      "InstrumentationScope.name") < 0
             or put_interned(d, &d.sc_versions, &d.sc_version, ver, ver_n, True,
@@ -1147,16 +1125,15 @@ cdef int parse_scope_spans(Dec* d, const uint8_t* p, const uint8_t* end,
 
 
 cdef int parse_resource_spans(Dec* d, const uint8_t* p, const uint8_t* end) noexcept nogil:
-    cdef uint32_t f, f2
-    cdef int wt, wt2
-    cdef uint64_t u = 0
+    cdef uint32_t f
+    cdef int wt
     cdef uint32_t dropped = 0
     cdef const uint8_t* s
-    cdef const uint8_t* q
-    cdef const uint8_t* v
-    cdef Py_ssize_t k, kv
+    cdef Py_ssize_t k, j
     cdef const uint8_t* url = NULL
     cdef Py_ssize_t url_n = 0
+    cdef const uint8_t* svc = NULL
+    cdef Py_ssize_t svc_n = 0
     cdef int32_t res_ix = <int32_t>d.n_resources
     d.n_resources += 1
     while p < end:
@@ -1173,37 +1150,11 @@ cdef int parse_resource_spans(Dec* d, const uint8_t* p, const uint8_t* end) noex
                 return -1
         elif f == 3:
             url, url_n = s, k
-        else:
-            q = s
-            while q < s + k:
-                if rd_tag(d, &q, s + k, &f2, &wt2, "Resource") < 0:
-                    return -1
-                if wt2 == WT_LEN and f2 == 1:
-                    if rd_len(d, &q, s + k, &v, &kv, "Resource.attributes") < 0:
-                        return -1
-                    if parse_kv(d, &d.res_attrs, v, v + kv, "Resource.attributes") < 0:
-                        return -1
-                elif wt2 == WT_VARINT and f2 == 2:
-                    if rd_varint(d, &q, s + k, &u, "Resource") < 0:
-                        return -1
-                    dropped = <uint32_t>u
-                elif skip(d, &q, s + k, wt2, "Resource") < 0:
-                    return -1
+        elif parse_resource(d, &d.res_attrs, s, s + k, &dropped) < 0:
+            return -1
     # the resource's string service.name (the last one wins); empty or absent: the default
-    cdef const int32_t* kix = <const int32_t*>d.res_attrs.key.p
-    cdef const int32_t* six = <const int32_t*>d.res_attrs.str.p
-    cdef const int32_t* koff = <const int32_t*>d.res_attrs.keys.s.off.p
-    cdef const int32_t* soff = <const int32_t*>d.res_attrs.strs.s.off.p
-    cdef Py_ssize_t j
-    cdef int32_t kj
-    cdef const uint8_t* svc = NULL
-    cdef Py_ssize_t svc_n = 0
     for j in range((<const int32_t*>d.res_attr_off.p)[res_ix], d.res_attrs.n):
-        kj = kix[j]
-        if (koff[kj + 1] - koff[kj] == 12 and d.res_attrs.type.p[j] == 1
-                and memcmp(d.res_attrs.keys.s.data.p + koff[kj], b"service.name", 12) == 0):
-            svc = <const uint8_t*>d.res_attrs.strs.s.data.p + soff[six[j]]
-            svc_n = soff[six[j] + 1] - soff[six[j]]
+        service_name_at(&d.res_attrs, j, &svc, &svc_n)
     if svc_n == 0:
         svc, svc_n = d.default_service, d.default_service_n
     if (put_interned(d, &d.services, &d.res_service, svc, svc_n, False, "service.name") < 0
@@ -1952,8 +1903,14 @@ cdef void enc_init(Enc* e, const ArrowArray* rb) noexcept nogil:
 cdef inline bint s_eq(const SV* c, Py_ssize_t i, Py_ssize_t j) noexcept nogil:
     cdef const uint8_t* a
     cdef const uint8_t* b
-    cdef Py_ssize_t na = sget(c, i, &a)
-    cdef Py_ssize_t nb = sget(c, j, &b)
+    cdef Py_ssize_t na, nb
+    # one dictionary entry on both rows (the common case: neighbouring rows share their
+    # resource and scope) is equal without reading the bytes
+    if (c.idx != NULL and c.idx[i + c.off] == c.idx[j + c.off]
+            and (c.valid == NULL or bit(c.valid, i + c.off) == bit(c.valid, j + c.off))):
+        return True
+    na = sget(c, i, &a)
+    nb = sget(c, j, &b)
     return na == nb and (na == 0 or memcmp(a, b, na) == 0)
 
 
@@ -1961,6 +1918,7 @@ cdef bint attrs_eq(const AV* a, Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
     cdef Py_ssize_t n = a.list_off[r0 + 1] - a.list_off[r0]
     cdef Py_ssize_t k, i, j
     cdef int8_t t
+    cdef const SV* text
     if n != a.list_off[r1 + 1] - a.list_off[r1]:
         return False
     for k in range(n):
@@ -1969,17 +1927,16 @@ cdef bint attrs_eq(const AV* a, Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
         t = a.type[i]
         if t != a.type[j] or not s_eq(&a.key, i, j):
             return False
-        if t == 1 and not s_eq(&a.str, i, j):
-            return False
         if t == 2 and bit(a.bbits, a.boff + i) != bit(a.bbits, a.boff + j):
             return False
         if t == 3 and a.ival[i] != a.ival[j]:
             return False
         if t == 4 and memcmp(&a.dval[i], &a.dval[j], 8) != 0:
             return False
-        if t == 7 and not s_eq(&a.bytes, i, j):
-            return False
-        if (t == 5 or t == 6) and not s_eq(&a.any, i, j):
+        # the value's bytes, for the types that keep them in a string column
+        text = (&a.str if t == 1 else &a.bytes if t == 7
+                else &a.any if t == 5 or t == 6 else NULL)
+        if text != NULL and not s_eq(text, i, j):
             return False
     return True
 
@@ -2045,9 +2002,22 @@ cdef bint has_service_name(const AV* a, Py_ssize_t row) noexcept nogil:
     return False
 
 
-cdef inline Py_ssize_t service_kv_size(const Enc* e, Py_ssize_t i) noexcept nogil:
+cdef bint adds_service(const SV* service, const AV* res_attrs, Py_ssize_t i) noexcept nogil:
+    """Whether row ``i`` gets ``service.name`` added to its resource on the wire.
+
+    When its resource has no string ``service.name`` and its ``service`` is set
+    and not the SDK default ``unknown_service`` (shared by both encoders).
+    """
     cdef const uint8_t* p
-    return ld(ld(12) + ld(ld(sget(&e.service, i, &p))))
+    cdef Py_ssize_t k = sget(service, i, &p)
+    return (not has_service_name(res_attrs, i) and k > 0
+            and not (k == 15 and memcmp(p, b"unknown_service", 15) == 0))
+
+
+cdef inline Py_ssize_t service_kv_size(const SV* service, Py_ssize_t i) noexcept nogil:
+    """Size of the added ``service.name`` KeyValue, field tag and length included."""
+    cdef const uint8_t* p
+    return ld(ld(12) + ld(ld(sget(service, i, &p))))
 
 
 cdef inline Py_ssize_t vnz(uint64_t v) noexcept nogil:
@@ -2095,7 +2065,7 @@ cdef Py_ssize_t span_size(const Enc* e, Py_ssize_t i) noexcept nogil:
 
 cdef inline Py_ssize_t resource_size(const Enc* e, Py_ssize_t i) noexcept nogil:
     return (attrs_size(&e.res_attrs, i) + vnz(e.res_dropped[i])
-            + (service_kv_size(e, i) if e.add_service[i] else 0))
+            + (service_kv_size(&e.service, i) if e.add_service[i] else 0))
 
 
 cdef inline Py_ssize_t scope_size(const Enc* e, Py_ssize_t i) noexcept nogil:
@@ -2119,12 +2089,8 @@ cdef bint same_scope(const Enc* e, Py_ssize_t i, Py_ssize_t j) noexcept nogil:
 cdef Py_ssize_t size_request(Enc* e) noexcept nogil:
     """First pass: group the rows, size every message; the request's size."""
     cdef Py_ssize_t i, r = -1, g = -1, total = 0
-    cdef const uint8_t* p
-    cdef Py_ssize_t k
     for i in range(e.n):
-        k = sget(&e.service, i, &p)
-        e.add_service[i] = (not has_service_name(&e.res_attrs, i) and k > 0
-                            and not (k == 15 and memcmp(p, b"unknown_service", 15) == 0))
+        e.add_service[i] = adds_service(&e.service, &e.res_attrs, i)
     for i in range(e.n):
         e.new_res[i] = i == 0 or not same_resource(e, i - 1, i)
         e.new_scope[i] = e.new_res[i] or not same_scope(e, i - 1, i)
@@ -2231,6 +2197,16 @@ cdef uint8_t* w_attrs(uint8_t* o, uint8_t tag, const AV* a, Py_ssize_t row) noex
     return o
 
 
+cdef uint8_t* w_service_kv(uint8_t* o, const SV* service, Py_ssize_t i) noexcept nogil:
+    """The ``service.name`` KeyValue a row's resource gets (see :func:`adds_service`)."""
+    cdef const uint8_t* p
+    cdef Py_ssize_t k = sget(service, i, &p)
+    o = w_len(o, 0x0A, ld(12) + ld(ld(k)))
+    o = w_bytes(o, 0x0A, <const uint8_t*>b"service.name", 12)
+    o = w_len(o, 0x12, ld(k))
+    return w_bytes(o, 0x0A, p, k)
+
+
 cdef uint8_t* w_span(uint8_t* o, const Enc* e, Py_ssize_t i) noexcept nogil:
     cdef Py_ssize_t j
     cdef uint32_t fl
@@ -2284,8 +2260,6 @@ cdef uint8_t* w_span(uint8_t* o, const Enc* e, Py_ssize_t i) noexcept nogil:
 
 cdef uint8_t* w_request(uint8_t* o, const Enc* e) noexcept nogil:
     cdef Py_ssize_t i, r = -1, g = -1
-    cdef const uint8_t* p
-    cdef Py_ssize_t k
     for i in range(e.n):
         if e.new_res[i]:
             if i:
@@ -2296,11 +2270,7 @@ cdef uint8_t* w_request(uint8_t* o, const Enc* e) noexcept nogil:
             o = w_len(o, 0x0A, resource_size(e, i))
             o = w_attrs(o, 0x0A, &e.res_attrs, i)
             if e.add_service[i]:
-                k = sget(&e.service, i, &p)
-                o = w_len(o, 0x0A, ld(12) + ld(ld(k)))
-                o = w_bytes(o, 0x0A, <const uint8_t*>b"service.name", 12)
-                o = w_len(o, 0x12, ld(k))
-                o = w_bytes(o, 0x0A, p, k)
+                o = w_service_kv(o, &e.service, i)
             o = w_vnz(o, 0x10, e.res_dropped[i])
         elif e.new_scope[i]:
             o = w_str(o, 0x1A, &e.sc_schema_url, i - 1)
@@ -2730,12 +2700,11 @@ cdef int parse_metric(MDec* m, const uint8_t* p, const uint8_t* end, int32_t sco
 cdef int parse_scope_metrics(MDec* m, const uint8_t* p, const uint8_t* end,
                              int32_t res) noexcept nogil:
     cdef Dec* d = &m.d
-    cdef uint32_t f, f2
-    cdef int wt, wt2
+    cdef uint32_t f
+    cdef int wt
+    cdef uint32_t dropped = 0   # not kept: METRIC_SCHEMA has no column for it
     cdef const uint8_t* s
-    cdef const uint8_t* q
-    cdef const uint8_t* v
-    cdef Py_ssize_t k, kv
+    cdef Py_ssize_t k
     cdef const uint8_t* name = NULL
     cdef Py_ssize_t name_n = 0
     cdef const uint8_t* ver = NULL
@@ -2754,20 +2723,8 @@ cdef int parse_scope_metrics(MDec* m, const uint8_t* p, const uint8_t* end,
         if f == 2:
             if parse_metric(m, s, s + k, scope, res) < 0:
                 return -1
-            continue
-        q = s
-        while q < s + k:
-            if rd_tag(d, &q, s + k, &f2, &wt2, "InstrumentationScope") < 0:
-                return -1
-            if wt2 == WT_LEN and (f2 == 1 or f2 == 2):
-                if rd_len(d, &q, s + k, &v, &kv, "InstrumentationScope") < 0:
-                    return -1
-                if f2 == 1:
-                    name, name_n = v, kv
-                else:
-                    ver, ver_n = v, kv
-            elif skip(d, &q, s + k, wt2, "InstrumentationScope") < 0:
-                return -1
+        elif parse_scope(d, NULL, s, s + k, &name, &name_n, &ver, &ver_n, &dropped) < 0:
+            return -1
     if (put_interned(d, &m.sc_names, &m.sc_name, name, name_n, True,
                      "InstrumentationScope.name") < 0
             or put_interned(d, &m.sc_versions, &m.sc_version, ver, ver_n, True,
@@ -2778,20 +2735,14 @@ cdef int parse_scope_metrics(MDec* m, const uint8_t* p, const uint8_t* end,
 
 cdef int parse_resource_metrics(MDec* m, const uint8_t* p, const uint8_t* end) noexcept nogil:
     cdef Dec* d = &m.d
-    cdef uint32_t f, f2
-    cdef int wt, wt2
+    cdef uint32_t f
+    cdef int wt
+    cdef uint32_t dropped = 0   # not kept: METRIC_SCHEMA has no column for it
     cdef const uint8_t* s
-    cdef const uint8_t* q
-    cdef const uint8_t* v
-    cdef Py_ssize_t k, kv, j
+    cdef Py_ssize_t k, j
     cdef int32_t res = <int32_t>m.n_resources
     cdef const uint8_t* svc = NULL
     cdef Py_ssize_t svc_n = 0
-    cdef const int32_t* kix
-    cdef const int32_t* six
-    cdef const int32_t* koff
-    cdef const int32_t* soff
-    cdef int32_t kj
     m.n_resources += 1
     while p < end:
         if rd_tag(d, &p, end, &f, &wt, "ResourceMetrics") < 0:
@@ -2805,30 +2756,11 @@ cdef int parse_resource_metrics(MDec* m, const uint8_t* p, const uint8_t* end) n
         if f == 2:
             if parse_scope_metrics(m, s, s + k, res) < 0:
                 return -1
-            continue
-        q = s
-        while q < s + k:
-            if rd_tag(d, &q, s + k, &f2, &wt2, "Resource") < 0:
-                return -1
-            if wt2 == WT_LEN and f2 == 1:
-                if rd_len(d, &q, s + k, &v, &kv, "Resource.attributes") < 0:
-                    return -1
-                if parse_kv(d, &m.res_attrs, v, v + kv, "Resource.attributes") < 0:
-                    return -1
-            elif skip(d, &q, s + k, wt2, "Resource") < 0:
-                return -1
+        elif parse_resource(d, &m.res_attrs, s, s + k, &dropped) < 0:
+            return -1
     # the first non-empty string service.name, else the default
-    kix = <const int32_t*>m.res_attrs.key.p
-    six = <const int32_t*>m.res_attrs.str.p
-    koff = <const int32_t*>m.res_attrs.keys.s.off.p
-    soff = <const int32_t*>m.res_attrs.strs.s.off.p
     for j in range((<const int32_t*>m.res_attr_off.p)[res], m.res_attrs.n):
-        kj = kix[j]
-        if (koff[kj + 1] - koff[kj] == 12 and m.res_attrs.type.p[j] == 1
-                and memcmp(m.res_attrs.keys.s.data.p + koff[kj], b"service.name", 12) == 0
-                and soff[six[j] + 1] > soff[six[j]]):
-            svc = <const uint8_t*>m.res_attrs.strs.s.data.p + soff[six[j]]
-            svc_n = soff[six[j] + 1] - soff[six[j]]
+        if service_name_at(&m.res_attrs, j, &svc, &svc_n) and svc_n:
             break
     if svc_n == 0:
         svc, svc_n = d.default_service, d.default_service_n
@@ -3170,11 +3102,8 @@ cdef inline Py_ssize_t trailer_size(const MEnc* e, Py_ssize_t i) noexcept nogil:
 
 
 cdef inline Py_ssize_t mresource_size(const MEnc* e, Py_ssize_t i) noexcept nogil:
-    cdef const uint8_t* p
-    cdef Py_ssize_t k = attrs_size(&e.res_attrs, i)
-    if e.add_service[i]:
-        k += ld(ld(12) + ld(ld(sget(&e.service, i, &p))))
-    return k
+    return attrs_size(&e.res_attrs, i) + (service_kv_size(&e.service, i) if e.add_service[i]
+                                          else 0)
 
 
 cdef inline Py_ssize_t mscope_size(const MEnc* e, Py_ssize_t i) noexcept nogil:
@@ -3203,16 +3132,13 @@ cdef inline void close_metric(MEnc* e, Py_ssize_t g, Py_ssize_t s, Py_ssize_t la
 cdef Py_ssize_t size_metrics(MEnc* e) noexcept nogil:
     """First pass: group the rows, size every message; the request's size (-1: bad kind)."""
     cdef Py_ssize_t i, k, r = -1, s = -1, g = -1, total = 0
-    cdef const uint8_t* p
     cdef int8_t kind
     for i in range(e.n):
         kind = e.kind[i]
         if kind < MK_GAUGE or kind > MK_HISTOGRAM:
             e.bad_row = i
             return -1
-        k = sget(&e.service, i, &p)
-        e.add_service[i] = (not has_service_name(&e.res_attrs, i) and k > 0
-                            and not (k == 15 and memcmp(p, b"unknown_service", 15) == 0))
+        e.add_service[i] = adds_service(&e.service, &e.res_attrs, i)
     for i in range(e.n):
         e.new_res[i] = i == 0 or not same_mresource(e, i - 1, i)
         e.new_scope[i] = (e.new_res[i] or not s_eq(&e.sc_name, i - 1, i)
@@ -3299,7 +3225,6 @@ cdef inline uint8_t* w_trailer(uint8_t* o, const MEnc* e, Py_ssize_t i) noexcept
 
 cdef uint8_t* w_metrics(uint8_t* o, const MEnc* e) noexcept nogil:
     cdef Py_ssize_t i, k, r = -1, s = -1, g = -1
-    cdef const uint8_t* p
     cdef int8_t kind
     for i in range(e.n):
         if e.new_metric[i] and i:
@@ -3312,11 +3237,7 @@ cdef uint8_t* w_metrics(uint8_t* o, const MEnc* e) noexcept nogil:
                 o = w_len(o, 0x0A, k)
                 o = w_attrs(o, 0x0A, &e.res_attrs, i)
                 if e.add_service[i]:
-                    k = sget(&e.service, i, &p)
-                    o = w_len(o, 0x0A, ld(12) + ld(ld(k)))
-                    o = w_bytes(o, 0x0A, <const uint8_t*>b"service.name", 12)
-                    o = w_len(o, 0x12, ld(k))
-                    o = w_bytes(o, 0x0A, p, k)
+                    o = w_service_kv(o, &e.service, i)
         if e.new_scope[i]:
             s += 1
             o = w_len(o, 0x12, e.sc_size[s])

@@ -36,14 +36,15 @@ Example
 >>> import tempfile, knhk
 >>> from knhk.exporters.ipc import IpcExporter
 >>> from knhk.workload import generate, WorkloadConfig
->>> recorder = IpcExporter(tempfile.mkdtemp())
+>>> tmp = tempfile.TemporaryDirectory()
+>>> recorder = IpcExporter(tmp.name)
 >>> _ = recorder.export(generate(2_000, WorkloadConfig(seed=1)))
 >>> recorder.shutdown()
 >>> from knhk.distributed import analyze_local
 >>> result = analyze_local(recorder.files, what=("aggregates", "traces"))
 >>> result.spans, int(sum(result.aggregates.column("count").to_pylist()))
 (2000, 2000)
->>> import shutil; shutil.rmtree(recorder.directory)
+>>> tmp.cleanup()
 
 ``analyze_local`` runs the very same tasks in this process, without Dask;
 ``analyze(files, connect("local:2"))`` runs them on a cluster.

@@ -35,12 +35,13 @@ Example
 >>> import tempfile, knhk
 >>> from knhk.exporters.ipc import IpcExporter
 >>> from knhk.replay import read_batches
->>> out = tempfile.mkdtemp()
->>> recorder = IpcExporter(out, compression="lz4")
+>>> out = tempfile.TemporaryDirectory()
+>>> recorder = IpcExporter(out.name, compression="lz4")
 >>> with knhk.TelemetryPipeline.builder().with_exporter(recorder).build() as pipeline:
 ...     _ = pipeline.record_span(knhk.Span("GET /", trace_id=1, span_id=1))
 >>> [b.num_rows for b in read_batches(recorder.files)]
 [1]
+>>> out.cleanup()
 """
 
 from __future__ import annotations
@@ -186,13 +187,15 @@ class IpcFileWriter:
     Examples
     --------
     >>> import os, tempfile, knhk
-    >>> path = os.path.join(tempfile.mkdtemp(), "spans.arrow")
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = os.path.join(tmp.name, "spans.arrow")
     >>> with IpcFileWriter(path, knhk.SPAN_SCHEMA) as w:
     ...     w.write(knhk.SpanBatch.from_spans([knhk.Span("a", trace_id=1, span_id=1)]))
     ...     w.write(knhk.SpanBatch.from_spans([knhk.Span("b", trace_id=1, span_id=2)]))
     >>> import pyarrow as pa
     >>> pa.ipc.open_file(path).read_all().column("name").to_pylist()
     ['a', 'b']
+    >>> tmp.cleanup()
     """
 
     def __init__(self, path: str | os.PathLike, schema: pa.Schema, *,
@@ -337,12 +340,14 @@ class IpcExporter(Exporter):
     Examples
     --------
     >>> import tempfile, knhk
-    >>> recorder = IpcExporter(tempfile.mkdtemp(), prefix="run1", max_bytes=64 << 20)
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> recorder = IpcExporter(tmp.name, prefix="run1", max_bytes=64 << 20)
     >>> recorder.export(knhk.SpanBatch.from_spans([knhk.Span("a", trace_id=1, span_id=1)]))
     <ExportResult.SUCCESS: 0>
     >>> recorder.shutdown()
     >>> [os.path.basename(f).split("-")[:2] for f in recorder.files]
     [['run1', 'spans']]
+    >>> tmp.cleanup()
     """
 
     name = "ipc"

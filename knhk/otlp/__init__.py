@@ -69,6 +69,31 @@ def check_max_depth(max_depth: int) -> int:
 # -- decode -------------------------------------------------------------------------
 
 
+def _run_decoder(kernel, data: bytes | bytearray | memoryview, max_depth: int,
+                default_service: str, schema: pa.Schema):
+    """Check the arguments every OTLP decoder takes, run ``kernel`` and word its failure.
+
+    ``kernel`` is one of the compiled decoders (``decode_traces``,
+    ``decode_metrics``), called as ``kernel(buf, max_depth, service, schema)``;
+    its result is returned as it is. A :class:`OtlpDecodeError` carrying the
+    kernel's byte offset replaces the kernel's own exception, so callers see
+    one error type whichever message failed.
+    """
+    check_max_depth(max_depth)
+    if not isinstance(default_service, str):
+        raise TypeError(f"default_service must be a str, got {type(default_service).__name__}")
+    try:
+        buf = np.frombuffer(data, dtype=np.uint8) if len(data) else _EMPTY_U8
+    except TypeError:
+        raise TypeError("data must be bytes, bytearray or memoryview, "
+                        f"got {type(data).__name__}") from None
+    try:
+        return kernel(buf, max_depth, default_service.encode(), schema)
+    except _codec.DecodeError as exc:
+        raise OtlpDecodeError(str(exc), exc.offset) from None
+
+
+
 def decode_traces(data: bytes | bytearray | memoryview, *, max_depth: int = DEFAULT_MAX_DEPTH,
                   default_service: str = "unknown_service") -> SpanBatch:
     """Decode ``ExportTraceServiceRequest`` protobuf bytes into a :class:`SpanBatch`.
@@ -103,12 +128,7 @@ def decode_traces(data: bytes | bytearray | memoryview, *, max_depth: int = DEFA
     ...     print(exc.offset, "past the end" in str(exc))
     1 True
     """
-    check_max_depth(max_depth)
-    buf = np.frombuffer(data, dtype=np.uint8) if len(data) else _EMPTY_U8
-    try:
-        rb = _codec.decode_traces(buf, max_depth, default_service.encode(), SPAN_SCHEMA)
-    except _codec.DecodeError as exc:
-        raise OtlpDecodeError(str(exc), exc.offset) from None
+    rb = _run_decoder(_codec.decode_traces, data, max_depth, default_service, SPAN_SCHEMA)
     if rb.num_rows == 0:
         return SpanBatch.empty()
     return SpanBatch._wrap(rb)

@@ -50,7 +50,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
@@ -58,7 +57,10 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 
 from knhk._build import load_core
 from knhk.batch import MetricBatch
-from knhk.otlp import _EMPTY_U8, DEFAULT_MAX_DEPTH, OtlpDecodeError, check_max_depth
+
+# OtlpDecodeError is what this module's decoders raise (via _run_decoder): kept in
+# its namespace for the doctests and for callers importing it from here.
+from knhk.otlp import DEFAULT_MAX_DEPTH, OtlpDecodeError, _run_decoder  # noqa: F401
 from knhk.schema import METRIC_SCHEMA
 
 __all__ = [
@@ -94,13 +96,8 @@ def decode_metrics_counted(data: bytes | bytearray | memoryview, *,
     >>> decode_metrics_counted(b"")[1]
     0
     """
-    check_max_depth(max_depth)
-    buf = np.frombuffer(data, dtype=np.uint8) if len(data) else _EMPTY_U8
-    try:
-        rb, skipped = _codec.decode_metrics(buf, max_depth, default_service.encode(),
-                                            METRIC_SCHEMA)
-    except _codec.DecodeError as exc:
-        raise OtlpDecodeError(str(exc), exc.offset) from None
+    rb, skipped = _run_decoder(_codec.decode_metrics, data, max_depth, default_service,
+                              METRIC_SCHEMA)
     if skipped:
         logger.warning("%d OTLP Summary / ExponentialHistogram points are not supported "
                        "and were dropped", skipped)

@@ -4,17 +4,18 @@ Example
 -------
 >>> import tempfile, knhk
 >>> from knhk.exporters._persistent_queue import PersistentQueue
->>> d = tempfile.mkdtemp()
->>> q = PersistentQueue(d)
+>>> tmp = tempfile.TemporaryDirectory()
+>>> q = PersistentQueue(tmp.name)
 >>> for i in (1, 2):
 ...     _ = q.append(knhk.SpanBatch.from_spans([knhk.Span("op", trace_id=1, span_id=i,
 ...                                              start_time_ns=0, duration_ns=5)]))
 >>> q.close()
->>> len(corrupt_record(d, 0))
+>>> len(corrupt_record(tmp.name, 0))
 1
->>> q2 = PersistentQueue(d)
+>>> q2 = PersistentQueue(tmp.name)
 >>> len(q2.replay()), q2.stats()["records_corrupted"]
 (1, 1)
+>>> q2.close(); tmp.cleanup()
 """
 
 from __future__ import annotations

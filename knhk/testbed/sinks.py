@@ -71,11 +71,18 @@ class Faults:
         return "ok"
 
 
-class _Recorder:
-    """Span ids seen, by outcome, shared by both sinks."""
+class _Sink:
+    """What both sinks share: the span-id record by outcome, and the fault-driven lifecycle.
 
-    def __init__(self, faults: Faults, keep_spans: bool = False) -> None:
-        self.faults = faults
+    A subclass implements :meth:`start` / :meth:`stop` for its protocol and
+    answers each request by passing the decoded request to :meth:`handle` and
+    translating the verdict it returns.
+    """
+
+    def __init__(self, port: int = 0, faults: Faults | None = None,
+                 keep_spans: bool = False) -> None:
+        self.port = port
+        self.faults = faults or Faults()
         #: span id -> digest of the span as received, with ``keep_spans``
         self.spans: dict[bytes, tuple] | None = {} if keep_spans else None
         self.received: Counter = Counter()
@@ -131,8 +138,22 @@ class _Recorder:
             time.sleep(0.02)
         return self.count() >= n
 
+    def start(self) -> _Sink:
+        raise NotImplementedError
 
-class GrpcSink(_Recorder):
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def down(self) -> None:
+        """Stop listening: clients get connection refused until :meth:`up`."""
+        self.stop()
+
+    def up(self) -> None:
+        """Listen again, on the same port."""
+        self.start()
+
+
+class GrpcSink(_Sink):
     """An OTLP/gRPC TraceService on opentelemetry-proto's generated stubs.
 
     Parameters
@@ -140,12 +161,18 @@ class GrpcSink(_Recorder):
     port : int
         0 picks a free port (kept across ``down()`` / ``up()``).
     faults : Faults, optional
+    keep_spans : bool
+        Also keep a digest of every span received (``spans``).
     """
+
+    #: verdict -> the status a request is aborted with ("ok" and "abandoned" answer normally)
+    _ABORT = {"unavailable": (grpc.StatusCode.UNAVAILABLE, "testbed: injected UNAVAILABLE"),
+              "permanent": (grpc.StatusCode.INVALID_ARGUMENT,
+                            "testbed: injected INVALID_ARGUMENT")}
 
     def __init__(self, port: int = 0, faults: Faults | None = None,
                  keep_spans: bool = False) -> None:
-        super().__init__(faults or Faults(), keep_spans)
-        self.port = port
+        super().__init__(port, faults, keep_spans)
         self._server: grpc.Server | None = None
 
     def start(self) -> GrpcSink:
@@ -153,12 +180,9 @@ class GrpcSink(_Recorder):
 
         class Servicer(trace_service_pb2_grpc.TraceServiceServicer):
             def Export(self, request: Any, context: Any) -> Any:
-                verdict = sink.handle(request, context.is_active)
-                if verdict == "unavailable":
-                    context.abort(grpc.StatusCode.UNAVAILABLE, "testbed: injected UNAVAILABLE")
-                if verdict == "permanent":
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                  "testbed: injected INVALID_ARGUMENT")
+                abort = sink._ABORT.get(sink.handle(request, context.is_active))
+                if abort is not None:
+                    context.abort(*abort)
                 return trace_service_pb2.ExportTraceServiceResponse()
 
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
@@ -176,26 +200,24 @@ class GrpcSink(_Recorder):
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def down(self) -> None:
-        """Stop listening: clients get connection refused until :meth:`up`."""
-        self.stop()
-
-    def up(self) -> None:
-        self.start()
-
     def stop(self) -> None:
         if self._server is not None:
             self._server.stop(0).wait()
             self._server = None
 
 
-class HttpSink(_Recorder):
-    """An OTLP/HTTP ``/v1/traces`` endpoint (protobuf and JSON), recording span ids."""
+class HttpSink(_Sink):
+    """An OTLP/HTTP ``/v1/traces`` endpoint (protobuf and JSON), recording span ids.
+
+    Parameters are those of :class:`GrpcSink`.
+    """
+
+    #: verdict -> HTTP status and google.rpc.Status code of the answer
+    _STATUS = {"ok": (200, 0), "unavailable": (503, 14), "permanent": (400, 3)}
 
     def __init__(self, port: int = 0, faults: Faults | None = None,
                  keep_spans: bool = False) -> None:
-        super().__init__(faults or Faults(), keep_spans)
-        self.port = port
+        super().__init__(port, faults, keep_spans)
         self._server: ThreadingHTTPServer | None = None
 
     def start(self) -> HttpSink:
@@ -220,11 +242,9 @@ class HttpSink(_Recorder):
                 except Exception:
                     self._answer(400, b"unparseable")
                     return
-                verdict = sink.handle(req)
-                status = {"ok": 200, "unavailable": 503, "permanent": 400}[verdict]
+                status, code = sink._STATUS[sink.handle(req)]
                 self._answer(status, b"" if status == 200 else json.dumps(
-                    {"code": 14 if status == 503 else 3, "message": "testbed"}).encode(),
-                    retry=status == 503)
+                    {"code": code, "message": "testbed"}).encode(), retry=status == 503)
 
             def _answer(self, status: int, body: bytes, retry: bool = False) -> None:
                 self.send_response(status)
@@ -238,9 +258,9 @@ class HttpSink(_Recorder):
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        ThreadingHTTPServer.allow_reuse_address = True
+        # (ThreadingHTTPServer sets SO_REUSEADDR, so up() can rebind the port down()
+        # released while it is in TIME_WAIT, and its handler threads are daemons)
         server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        server.daemon_threads = True
         self.port = server.server_address[1]
         threading.Thread(target=server.serve_forever, daemon=True,
                          name="testbed-http-sink").start()
@@ -250,12 +270,6 @@ class HttpSink(_Recorder):
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1/traces"
-
-    def down(self) -> None:
-        self.stop()
-
-    def up(self) -> None:
-        self.start()
 
     def stop(self) -> None:
         if self._server is not None:

@@ -45,12 +45,7 @@ def registry_check_main(argv: Sequence[str]) -> int:
         args = _check_parser().parse_args(list(argv))
     except SystemExit as exc:
         return int(exc.code or 0)
-    from knhk.validation.compiled import (
-        CompiledRegistry,
-        _cache_file,
-        _write_cache,
-        default_cache_dir,
-    )
+    from knhk.validation.compiled import CompiledRegistry, save_compiled
     from knhk.validation.loader import RegistryFiles, resolve_files
 
     t0 = time.perf_counter()
@@ -72,10 +67,7 @@ def registry_check_main(argv: Sequence[str]) -> int:
         return 1
     elapsed = time.perf_counter() - t0
     if not args.no_cache:
-        compiled = CompiledRegistry.from_registry(registry, files)
-        cache_dir = args.cache_dir or default_cache_dir()
-        _write_cache(_cache_file(cache_dir, files.content_key), files.content_key,
-                     compiled.to_json())
+        save_compiled(CompiledRegistry.from_registry(registry, files), args.cache_dir or None)
     summary = registry.summary()
     if args.format == "json":
         print(json.dumps({"registry": registry.path, "ok": True, "seconds": elapsed,

@@ -52,6 +52,7 @@ __all__ = [
     "CompiledRegistry",
     "default_cache_dir",
     "load_compiled",
+    "save_compiled",
 ]
 
 # -- finding codes: bit positions in the per-attribute and per-row masks ---------------
@@ -424,7 +425,7 @@ def _read_cache(path: str, key: str) -> dict | None:
         return None
 
 
-def _write_cache(path: str, key: str, body: str) -> None:
+def _write_cache(path: str, key: str, body: str) -> bool:
     data = body.encode("utf-8")
     header = f"{_MAGIC} {CACHE_FORMAT} {key} {hashlib.sha256(data).hexdigest()}\n"
     try:
@@ -441,6 +442,43 @@ def _write_cache(path: str, key: str, body: str) -> None:
             raise
     except OSError as exc:
         logger.warning("cannot write the registry cache %s: %s", path, exc)
+        return False
+    return True
+
+
+def save_compiled(compiled: CompiledRegistry,
+                  cache_dir: str | os.PathLike | None = None) -> str | None:
+    """Store ``compiled`` as the cache entry :func:`load_compiled` reads for its registry.
+
+    For a caller that resolved the registry itself (``knhk registry check``
+    needs the model for its report) and wants the next load to be warm.
+
+    Parameters
+    ----------
+    compiled : CompiledRegistry
+        Tables built by :meth:`CompiledRegistry.from_registry` (or loaded).
+    cache_dir : str or path-like, optional
+        Where the cache lives; default :func:`default_cache_dir`.
+
+    Returns
+    -------
+    str or None
+        The file written, or None if it could not be (logged as a warning: the
+        cache only saves time, so failing to write it is not an error).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> c = load_compiled("registry/", cache=False)
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     written = save_compiled(c, d)
+    ...     warm = load_compiled("registry/", cache_dir=d)    # read back, not re-resolved
+    ...     os.path.dirname(written) == d, warm.content_key == c.content_key
+    (True, True)
+    """
+    path = _cache_file(os.fspath(cache_dir) if cache_dir is not None else default_cache_dir(),
+                       compiled.content_key)
+    return path if _write_cache(path, compiled.content_key, compiled.to_json()) else None
 
 
 def load_compiled(path: str | os.PathLike, *, cache: bool = True,
@@ -479,6 +517,6 @@ def load_compiled(path: str | os.PathLike, *, cache: bool = True,
                 logger.warning("registry cache %s is unusable (%s); loading from YAML",
                                cfile, exc)
     compiled = CompiledRegistry.from_registry(resolve_files(files), files)
-    if cfile is not None:
-        _write_cache(cfile, files.content_key, compiled.to_json())
+    if cache:
+        save_compiled(compiled, cache_dir)
     return compiled

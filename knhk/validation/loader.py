@@ -22,8 +22,8 @@ Example
 -------
 >>> import os, tempfile
 >>> from knhk.validation import load_registry
->>> d = tempfile.mkdtemp()
->>> with open(os.path.join(d, "r.yaml"), "w") as f:
+>>> tmp = tempfile.TemporaryDirectory()
+>>> with open(os.path.join(tmp.name, "r.yaml"), "w") as f:
 ...     _ = f.write('''
 ... groups:
 ...   - id: registry.demo
@@ -43,9 +43,10 @@ Example
 ...       - ref: demo.size
 ...         requirement_level: required
 ... ''')
->>> reg = load_registry(d)
+>>> reg = load_registry(tmp.name)
 >>> reg.group("demo.op").attribute("demo.size").requirement_level.level
 'required'
+>>> tmp.cleanup()
 """
 
 from __future__ import annotations
