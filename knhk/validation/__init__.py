@@ -6,7 +6,12 @@
 False
 """
 
-from knhk.validation.compiled import CompiledRegistry, default_cache_dir, load_compiled
+from knhk.validation.compiled import (
+    CompiledRegistry,
+    default_cache_dir,
+    load_compiled,
+    save_compiled,
+)
 from knhk.validation.loader import RegistryIssue, load_registry
 from knhk.validation.model import (
     Attribute,
@@ -53,4 +58,5 @@ __all__ = [
     "default_cache_dir",
     "load_compiled",
     "load_registry",
+    "save_compiled",
 ]
