@@ -109,7 +109,8 @@ def test_serve_config_refuses_the_pattern_with_file_line_and_key_path(tmp_path):
     with pytest.raises(ConfigError) as err:
         parse_config(YAML, source="evil.yaml")
     text = str(err.value)
-    assert text.startswith("evil.yaml:6: processors.tail_sampling: Tail sampling policies[1] "
+    # line 11: the bad policy itself (not the tail_sampling key)
+    assert text.startswith("evil.yaml:11: processors.tail_sampling: Tail sampling policies[1] "
                            "'users': string_attribute.values[1] is not a valid regular "
                            "expression"), text
     assert "'(?<!x)y'" in text and "RE2 has no negative lookbehind" in text
@@ -119,5 +120,5 @@ def test_serve_config_refuses_the_pattern_with_file_line_and_key_path(tmp_path):
     done = subprocess.run([sys.executable, "-m", "knhk", "serve", "--config", str(path)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, (done.stdout, done.stderr)
-    assert f"{path}:6: processors.tail_sampling:" in done.stderr
+    assert f"{path}:11: processors.tail_sampling:" in done.stderr
     assert "RE2 has no negative lookbehind" in done.stderr

@@ -22,7 +22,7 @@ processors
     ``record_batch`` does when full: the OTLP receivers always refuse with a
     retryable status instead), ``block_timeout``; and the Collector's
     ``check_interval``, ``limit_mib``, ``spike_limit_mib``,
-    ``limit_percentage``, ``spike_limit_percentage``: above limit − spike of
+    ``limit_percentage``, ``spike_limit_percentage``: above limit - spike of
     resident memory the OTLP receivers refuse with UNAVAILABLE / 503 and a
     retry hint (clients keep the data and retry). ``knhk_validation`` —
     Weaver registry validation: ``registry`` (default ``./registry`` or the

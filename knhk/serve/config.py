@@ -373,6 +373,12 @@ def _walk_nodes(node: yaml.Node, path: tuple[str, ...], lines: _Lines) -> None:
             seen.add(k)
             lines.lines[(*path, k)] = key.start_mark.line + 1
             _walk_nodes(value, (*path, k), lines)
+    elif isinstance(node, yaml.SequenceNode):
+        # items by index, so an error inside a list (a tail-sampling policy, ...) can
+        # name the item's own line
+        for i, item in enumerate(node.value):
+            lines.lines[(*path, str(i))] = item.start_mark.line + 1
+            _walk_nodes(item, (*path, str(i)), lines)
 
 
 def parse_config(text: str, source: str = "<config>",
@@ -597,8 +603,18 @@ def validate_config(config: Mapping[str, Any], *, lines: _Lines | None = None) -
 
 
 def _check_tail(body: Mapping[str, Any], path: tuple[str, ...], lines: _Lines | None) -> None:
-    from knhk.tail_sampling import TailSamplingConfig
+    from knhk.tail_sampling import Policy, TailSamplingConfig
 
+    policies = body.get("policies")
+    if isinstance(policies, list):
+        # one policy at a time first: a mistake is reported at its policy's line
+        for i, spec in enumerate(policies):
+            try:
+                Policy.from_dict(spec, f"policies[{i}]")
+            except (ValueError, TypeError) as exc:
+                line = lines.line((*path, "policies", str(i))) if lines is not None else None
+                at = f"{lines.source}:{line}: " if lines is not None else ""
+                raise ConfigError(f"{at}{'.'.join(path)}: {exc}") from None
     try:
         TailSamplingConfig.from_dict(body)
     except (ValueError, TypeError) as exc:

@@ -212,3 +212,22 @@ def test_examples_exist_and_validate():
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read the configuration"):
         load_config(tmp_path / "none.yaml")
+
+
+def test_a_bad_tail_sampling_policy_is_reported_at_its_own_line(tmp_path):
+    path = tmp_path / "tail.yaml"
+    path.write_text(
+        "receivers: {otlp: {protocols: {http: {endpoint: 'localhost:0'}}}}\n"  # 1
+        "processors:\n"  # 2
+        "  tail_sampling:\n"  # 3
+        "    policies:\n"  # 4
+        "      - {name: ok, type: always_sample}\n"  # 5
+        "      - name: slow\n"  # 6
+        "        type: latency\n"  # 7
+        "        latency: {threshold_ms: -5}\n"  # 8
+        "exporters: {debug: {}}\n"
+        "service: {pipelines: {traces: {receivers: [otlp], processors: [tail_sampling],"
+        " exporters: [debug]}}}\n")
+    with pytest.raises(ConfigError, match=r"tail\.yaml:6: processors\.tail_sampling: .*"
+                                          r"policies\[1\] 'slow'"):
+        load_config(str(path))
