@@ -50,7 +50,9 @@ exporters
     ``otlphttp`` (the
     same, ``endpoint`` being the base URL, plus ``traces_endpoint``,
     ``metrics_endpoint``, ``encoding: proto|json``); ``prometheus``
-    (``endpoint``, ``cardinality_limit``, ``duration_buckets_ms``);
+    (``endpoint``, ``cardinality_limit``, ``duration_buckets_ms``,
+    ``metric_expiration`` — window and metric-point series nothing updated
+    for this long stop being exposed, default 5m, 0 keeps them);
     ``jaeger`` (``endpoint`` of the agent, UDP); ``file`` — Arrow IPC files:
     ``path``, ``prefix``, ``compression`` (``lz4``/``zstd``/``none``),
     ``rotation: {max_megabytes, max_age}``; ``debug`` (``verbosity``);

@@ -550,6 +550,8 @@ def _exporter(eid: str, body: Mapping[str, Any], pid: str, built: Built) -> Any:
             kwargs["cardinality_limit"] = body["cardinality_limit"]
         if "duration_buckets_ms" in body:
             kwargs["duration_buckets_ms"] = tuple(body["duration_buckets_ms"])
+        if "metric_expiration" in body:  # 0: keep every series
+            kwargs["metric_expiration"] = parse_duration(body["metric_expiration"]) or None
         return PrometheusExporter(host, port, **kwargs)
     if ctype == "jaeger":
         host, port = _split(body.get("endpoint", "localhost:6831"))

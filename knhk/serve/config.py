@@ -229,7 +229,7 @@ EXPORTERS: dict[str, dict[str, Any]] = {
                  "compression": _one_of("gzip", "none"), "timeout": DURATION, "tls": _TLS,
                  "sending_queue": _QUEUE, "retry_on_failure": _RETRY},
     "prometheus": {"endpoint": ENDPOINT, "cardinality_limit": POS_INT,
-                   "duration_buckets_ms": _list_of(NUM)},
+                   "duration_buckets_ms": _list_of(NUM), "metric_expiration": DURATION},
     "jaeger": {"endpoint": ENDPOINT},
     "file": {"path": STR, "prefix": STR, "compression": _one_of("lz4", "zstd", "none"),
              "rotation": {"max_megabytes": POS_INT, "max_age": DURATION}},

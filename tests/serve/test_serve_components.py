@@ -282,3 +282,26 @@ def test_no_registry_found_turns_validation_off_and_says_so(tmp_path, monkeypatc
         assert any("validation off" in what for _, what in built.writing)
     finally:
         assert built.shutdown(5.0)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("90s", 90.0), (0, None), ("0s", None)])
+def test_prometheus_metric_expiration_is_configurable(tmp_path, value, expected):
+    cfg = _config(tmp_path)
+    cfg["exporters"]["prometheus"] = {"endpoint": "localhost:0", "metric_expiration": value}
+    cfg["service"]["pipelines"]["traces"]["exporters"].append("prometheus")
+    validate_config(cfg)
+    built = build(cfg)
+    try:
+        prom = [w.exporter for w in built.pipelines["traces"]._workers
+                if type(w.exporter).__name__ == "PrometheusExporter"]
+        assert [p.metric_expiration for p in prom] == [expected]
+    finally:
+        built.shutdown(5.0)
+
+
+def test_prometheus_metric_expiration_must_be_a_duration(tmp_path):
+    cfg = _config(tmp_path)
+    cfg["exporters"]["prometheus"] = {"metric_expiration": "soon"}
+    cfg["service"]["pipelines"]["traces"]["exporters"].append("prometheus")
+    with pytest.raises(ConfigError, match=r"exporters\.prometheus\.metric_expiration"):
+        validate_config(cfg)
