@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,24 @@ UNAVAILABLE = 14
 
 #: How long a refused client is told to wait before retrying (seconds).
 RETRY_AFTER_S = 1
+
+
+class ReceiverCounters:
+    """The counters every OTLP receiver keeps, updated under one lock (requests are
+    served on several threads at once, and ``x += n`` on an attribute is not atomic)."""
+
+    def _init_counters(self) -> None:
+        self._counters_lock = threading.Lock()
+        self.requests = 0
+        self.spans_received = 0
+        self.requests_refused = 0
+        self.requests_invalid = 0
+        self.metric_points_received = 0
+
+    def _count(self, **deltas: int) -> None:
+        with self._counters_lock:
+            for name, n in deltas.items():
+                setattr(self, name, getattr(self, name) + n)
 
 
 @dataclass(frozen=True)

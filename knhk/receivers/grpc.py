@@ -40,7 +40,7 @@ _TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 _METRICS_SERVICE = "opentelemetry.proto.collector.metrics.v1.MetricsService"
 
 
-class OtlpGrpcReceiver:
+class OtlpGrpcReceiver(_common.ReceiverCounters):
     """An OTLP/gRPC server whose TraceService and MetricsService feed ``pipeline``.
 
     Parameters
@@ -91,11 +91,7 @@ class OtlpGrpcReceiver:
              grpc.method_handlers_generic_handler(_METRICS_SERVICE, {
                  "Export": grpc.unary_unary_rpc_method_handler(self._export_metrics)})))
         self.port = 0
-        self.requests = 0
-        self.spans_received = 0
-        self.requests_refused = 0
-        self.requests_invalid = 0
-        self.metric_points_received = 0
+        self._init_counters()
 
     def start(self) -> OtlpGrpcReceiver:
         """Bind and start serving; ``port`` is the bound port."""
@@ -126,7 +122,7 @@ class OtlpGrpcReceiver:
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
     def _refuse(self, context: grpc.ServicerContext, result: _common.Admission) -> None:
-        self.requests_refused += 1
+        self._count(requests_refused=1)
         message = result.message
         if result.too_large:
             # RESOURCE_EXHAUSTED without RetryInfo: not retryable (OTLP specification)
@@ -137,31 +133,32 @@ class OtlpGrpcReceiver:
                 _common.UNAVAILABLE, message, _common.RETRY_AFTER_S)),)))
 
     def _export_metrics(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        self.requests += 1
+        self._count(requests=1)
         self._authorize(context)
         try:
             batch, skipped = decode_metrics_counted(request, max_depth=self.max_depth)
         except OtlpDecodeError as exc:
-            self.requests_invalid += 1
+            self._count(requests_invalid=1)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         result = _common.admit_metrics(self.pipeline, batch, skipped)
         if not result.accepted:
             self._refuse(context, result)
-        self.metric_points_received += batch.num_rows - max(0, result.rejected_spans - skipped)
+        self._count(metric_points_received=batch.num_rows
+                    - max(0, result.rejected_spans - skipped))
         return _common.partial_success_bytes(result.rejected_spans, result.message)
 
     def _export_traces(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        self.requests += 1
+        self._count(requests=1)
         self._authorize(context)
         try:
             batch = decode_traces(request, max_depth=self.max_depth)
         except OtlpDecodeError as exc:
-            self.requests_invalid += 1
+            self._count(requests_invalid=1)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         result = _common.admit(self.pipeline, batch)
         if not result.accepted:
             self._refuse(context, result)
-        self.spans_received += batch.num_rows - result.rejected_spans
+        self._count(spans_received=batch.num_rows - result.rejected_spans)
         return _common.partial_success_bytes(result.rejected_spans, result.message)
 
 

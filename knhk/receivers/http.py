@@ -63,7 +63,7 @@ def _gunzip(data: bytes, limit: int) -> bytes:
     return out
 
 
-class OtlpHttpReceiver:
+class OtlpHttpReceiver(_common.ReceiverCounters):
     """An OTLP/HTTP server whose ``/v1/traces`` and ``/v1/metrics`` feed ``pipeline``.
 
     Parameters
@@ -101,12 +101,8 @@ class OtlpHttpReceiver:
         self._thread: threading.Thread | None = None
         self._ctype = threading.local()  # the request's content type, for error bodies
         self.port = 0
-        self.requests = 0
         self.read_timeout = 30.0
-        self.spans_received = 0
-        self.requests_refused = 0
-        self.requests_invalid = 0
-        self.metric_points_received = 0
+        self._init_counters()
 
     def start(self) -> OtlpHttpReceiver:
         """Bind and serve on a background thread; ``port`` is the bound port."""
@@ -141,7 +137,7 @@ class OtlpHttpReceiver:
 
     def _handle(self, path: str, headers: Any, body_reader: Any) -> tuple[int, dict, bytes]:
         """(status, headers, body) for one POST."""
-        self.requests += 1
+        self._count(requests=1)
         self._ctype.value = None
         signal = {"/v1/traces": "traces", "/v1/metrics": "metrics"}.get(path.split("?", 1)[0])
         if signal is None:
@@ -176,7 +172,7 @@ class OtlpHttpReceiver:
                                         f"{self.max_request_bytes} bytes",
                                    _common.RESOURCE_EXHAUSTED)
             except zlib.error as exc:
-                self.requests_invalid += 1
+                self._count(requests_invalid=1)
                 return self._error(400, f"the gzip body is corrupt: {exc}")
         if signal == "metrics":
             return self._metrics(data, ctype)
@@ -186,12 +182,12 @@ class OtlpHttpReceiver:
             else:
                 batch = decode_traces(data, max_depth=self.max_depth)
         except OtlpDecodeError as exc:
-            self.requests_invalid += 1
+            self._count(requests_invalid=1)
             return self._error(400, str(exc))
         result = _common.admit(self.pipeline, batch)
         if not result.accepted:
             return self._refused(result)
-        self.spans_received += batch.num_rows - result.rejected_spans
+        self._count(spans_received=batch.num_rows - result.rejected_spans)
         if ctype == _JSON:
             body = {}
             if result.rejected_spans:
@@ -209,13 +205,13 @@ class OtlpHttpReceiver:
             else:
                 batch, skipped = decode_metrics_counted(data, max_depth=self.max_depth)
         except OtlpDecodeError as exc:
-            self.requests_invalid += 1
+            self._count(requests_invalid=1)
             return self._error(400, str(exc))
         result = _common.admit_metrics(self.pipeline, batch, skipped)
         if not result.accepted:
             return self._refused(result)
         rejected = result.rejected_spans
-        self.metric_points_received += batch.num_rows - max(0, rejected - skipped)
+        self._count(metric_points_received=batch.num_rows - max(0, rejected - skipped))
         if ctype == _JSON:
             body = {}
             if rejected:
@@ -226,7 +222,7 @@ class OtlpHttpReceiver:
             rejected, result.message)
 
     def _refused(self, result: _common.Admission) -> tuple[int, dict, bytes]:
-        self.requests_refused += 1
+        self._count(requests_refused=1)
         if result.too_large:  # 413 is not retryable (OTLP specification)
             return self._error(413, result.message, _common.RESOURCE_EXHAUSTED)
         status, hdrs, body = self._error(503, result.message, _common.UNAVAILABLE,

@@ -229,3 +229,28 @@ def test_a_bad_nesting_limit_is_refused_when_built(pipeline_factory, depth):
         OtlpGrpcReceiver(pipeline_factory(), max_depth=depth)
     with pytest.raises(ValueError, match="max_depth"):
         OtlpHttpReceiver(pipeline_factory(), max_depth=depth)
+
+
+def test_counters_are_exact_under_concurrent_requests(served):
+    """Requests are served on several threads: every request and span is counted once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from knhk.workload import WorkloadConfig, generate
+
+    pipeline, sink, receiver = served
+    payloads = [encode_traces(generate(50, WorkloadConfig(seed=s))) for s in range(8)]
+    with grpc.insecure_channel(f"localhost:{receiver.port}") as channel:
+        call = channel.unary_unary(_METHOD)
+
+        def send(i: int) -> None:
+            call(payloads[i % len(payloads)], timeout=30)
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(send, range(400)))
+        with pytest.raises(grpc.RpcError):
+            call(b"\xff\xff\xff", timeout=30)
+    assert receiver.requests == 401
+    assert receiver.requests_invalid == 1
+    assert receiver.spans_received == 400 * 50
+    assert pipeline.force_flush(30.0)
+    assert sum(b.num_rows for b in sink.batches) == 400 * 50
