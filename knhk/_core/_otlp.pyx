@@ -1079,6 +1079,21 @@ cdef inline bint service_name_at(const AttrTab* a, Py_ssize_t j, const uint8_t**
     return True
 
 
+cdef inline void resource_service(const AttrTab* a, Py_ssize_t first, const uint8_t** v,
+                                  Py_ssize_t* n) noexcept nogil:
+    """The service of a resource whose attributes are ``first`` to the end of ``a``:
+    its string ``service.name``, the last one if it has several (as a map built from
+    the list keeps the last value); left as it is (the caller's default) when
+    there is none or the last one is empty. Spans and metric points alike."""
+    cdef const uint8_t* sv = NULL
+    cdef Py_ssize_t sn = 0
+    cdef Py_ssize_t j
+    for j in range(first, a.n):
+        service_name_at(a, j, &sv, &sn)
+    if sn:
+        v[0], n[0] = sv, sn
+
+
 cdef int parse_scope_spans(Dec* d, const uint8_t* p, const uint8_t* end,
                            int32_t res_ix) noexcept nogil:
     cdef uint32_t f
@@ -1129,7 +1144,7 @@ cdef int parse_resource_spans(Dec* d, const uint8_t* p, const uint8_t* end) noex
     cdef int wt
     cdef uint32_t dropped = 0
     cdef const uint8_t* s
-    cdef Py_ssize_t k, j
+    cdef Py_ssize_t k
     cdef const uint8_t* url = NULL
     cdef Py_ssize_t url_n = 0
     cdef const uint8_t* svc = NULL
@@ -1152,11 +1167,8 @@ cdef int parse_resource_spans(Dec* d, const uint8_t* p, const uint8_t* end) noex
             url, url_n = s, k
         elif parse_resource(d, &d.res_attrs, s, s + k, &dropped) < 0:
             return -1
-    # the resource's string service.name (the last one wins); empty or absent: the default
-    for j in range((<const int32_t*>d.res_attr_off.p)[res_ix], d.res_attrs.n):
-        service_name_at(&d.res_attrs, j, &svc, &svc_n)
-    if svc_n == 0:
-        svc, svc_n = d.default_service, d.default_service_n
+    svc, svc_n = d.default_service, d.default_service_n
+    resource_service(&d.res_attrs, (<const int32_t*>d.res_attr_off.p)[res_ix], &svc, &svc_n)
     if (put_interned(d, &d.services, &d.res_service, svc, svc_n, False, "service.name") < 0
             or put_interned(d, &d.res_urls, &d.res_url, url, url_n, True,
                             "ResourceSpans.schema_url") < 0):
@@ -2739,7 +2751,7 @@ cdef int parse_resource_metrics(MDec* m, const uint8_t* p, const uint8_t* end) n
     cdef int wt
     cdef uint32_t dropped = 0   # not kept: METRIC_SCHEMA has no column for it
     cdef const uint8_t* s
-    cdef Py_ssize_t k, j
+    cdef Py_ssize_t k
     cdef int32_t res = <int32_t>m.n_resources
     cdef const uint8_t* svc = NULL
     cdef Py_ssize_t svc_n = 0
@@ -2758,12 +2770,8 @@ cdef int parse_resource_metrics(MDec* m, const uint8_t* p, const uint8_t* end) n
                 return -1
         elif parse_resource(d, &m.res_attrs, s, s + k, &dropped) < 0:
             return -1
-    # the first non-empty string service.name, else the default
-    for j in range((<const int32_t*>m.res_attr_off.p)[res], m.res_attrs.n):
-        if service_name_at(&m.res_attrs, j, &svc, &svc_n) and svc_n:
-            break
-    if svc_n == 0:
-        svc, svc_n = d.default_service, d.default_service_n
+    svc, svc_n = d.default_service, d.default_service_n
+    resource_service(&m.res_attrs, (<const int32_t*>m.res_attr_off.p)[res], &svc, &svc_n)
     if put_interned(d, &m.services, &m.res_service, svc, svc_n, False, "service.name") < 0:
         return -1
     if put_i32(&m.res_attr_off, <int32_t>m.res_attrs.n) < 0:

@@ -54,3 +54,31 @@ def test_a_default_service_that_is_not_a_str_is_named(decode):
 def test_a_bad_max_depth_is_refused_before_decoding(decode, max_depth):
     with pytest.raises(ValueError, match="max_depth must be an int between 0 and 1000"):
         decode(b"\x0a\x05\x12", max_depth=max_depth)
+
+
+@pytest.mark.parametrize(("names", "expected"), [
+    (["a", "b"], "b"), (["", "b"], "b"), (["a", ""], "unknown_service"), ([], "unknown_service"),
+])
+def test_traces_and_metrics_take_a_resources_service_by_the_same_rule(names, expected):
+    """Several service.name attributes on one resource (invalid, but seen): the last one
+    wins for spans and metric points alike; an empty last one means the default."""
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+        ExportMetricsServiceRequest,
+    )
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    traces, metrics = ExportTraceServiceRequest(), ExportMetricsServiceRequest()
+    rs, rm = traces.resource_spans.add(), metrics.resource_metrics.add()
+    for name in names:
+        rs.resource.attributes.add(key="service.name").value.string_value = name
+        rm.resource.attributes.add(key="service.name").value.string_value = name
+    span = rs.scope_spans.add().spans.add()
+    span.trace_id, span.span_id, span.name = b"\x01" * 16, b"\x02" * 8, "op"
+    metric = rm.scope_metrics.add().metrics.add()
+    metric.name = "g"
+    metric.gauge.data_points.add().as_int = 1
+    assert decode_traces(traces.SerializeToString()).column("service").to_pylist() == [expected]
+    assert decode_metrics(metrics.SerializeToString()).column("service").to_pylist() == [
+        expected]
