@@ -79,7 +79,11 @@ service
 
 Each pipeline entry is its own :class:`~knhk.TelemetryPipeline` with its own
 exporter instances; ``prometheus`` and ``file`` exporters own a port or a
-directory, so each may be in one pipeline only.
+directory, so each may be in one pipeline only. A receiver listed in several
+pipelines of one signal feeds each of them every batch: the first pipeline
+that lists it decides whether a request is taken (full: the client is told
+to retry); the others record it under their own backpressure strategy and
+count what they drop.
 
 Example
 -------

@@ -42,7 +42,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -244,31 +244,59 @@ class ServiceGraphStage:
 
 
 class _Router:
-    """What a receiver feeds: spans to a traces pipeline, metric points to a metrics one."""
+    """What a receiver feeds: spans to its traces pipelines, metric points to its metrics
+    pipelines (to its traces pipelines when it feeds no metrics pipeline).
 
-    def __init__(self, traces: Any, metrics: Any) -> None:
-        self.traces = traces
-        self.metrics = metrics if metrics is not None else traces
+    A receiver in several pipelines of one signal fans out: every pipeline gets
+    every batch. The first pipeline listed decides whether a request is taken
+    (when it is full the request is refused and the client retries, as with
+    one pipeline); the others then record the batch under their own
+    backpressure strategy, and what one of them cannot hold is dropped there
+    and counted by reason. So a retry never duplicates spans in a pipeline,
+    and a slow side pipeline cannot make clients resend to the main one.
+    """
+
+    def __init__(self, traces: Sequence[Any], metrics: Sequence[Any]) -> None:
+        self.traces = list(traces)
+        self.metrics = list(metrics) if metrics else list(traces)
 
     @property
     def closed(self) -> bool:
-        return any(p is not None and p.closed for p in (self.traces, self.metrics))
+        return any(p.closed for p in (*self.traces, *self.metrics))
 
     def try_record_batch(self, batch: Any) -> int | None:
-        if self.traces is None:
+        if not self.traces:
             return 0  # no traces pipeline: every span is reported back as rejected
-        return self.traces.try_record_batch(batch)
+        taken = self.traces[0].try_record_batch(batch)
+        if taken is not None:
+            for p in self.traces[1:]:
+                p.record_batch(batch)
+        return taken
 
     def record_batch(self, batch: Any) -> int:
-        return 0 if self.traces is None else self.traces.record_batch(batch)
+        if not self.traces:
+            return 0
+        taken = self.traces[0].record_batch(batch)
+        for p in self.traces[1:]:
+            p.record_batch(batch)
+        return taken
 
     def try_record_metric_batch(self, batch: Any) -> int | None:
-        if self.metrics is None:
+        if not self.metrics:
             return 0
-        return self.metrics.try_record_metric_batch(batch)
+        taken = self.metrics[0].try_record_metric_batch(batch)
+        if taken is not None:
+            for p in self.metrics[1:]:
+                p.record_metric_batch(batch)
+        return taken
 
     def record_metric_batch(self, batch: Any) -> int:
-        return 0 if self.metrics is None else self.metrics.record_metric_batch(batch)
+        if not self.metrics:
+            return 0
+        taken = self.metrics[0].record_metric_batch(batch)
+        for p in self.metrics[1:]:
+            p.record_metric_batch(batch)
+        return taken
 
 
 # -- building ------------------------------------------------------------------------
@@ -761,12 +789,13 @@ def build(config: Mapping[str, Any], *,
         for pid, body in (service.get("pipelines") or {}).items():
             built.pipelines[pid] = _pipeline(pid, body or {}, config, built)
         receivers = config.get("receivers") or {}
-        routes: dict[str, dict[str, Any]] = {}
+        routes: dict[str, dict[str, list[Any]]] = {}
         for pid, body in (service.get("pipelines") or {}).items():
             for rid in (body or {}).get("receivers") or []:
-                routes.setdefault(rid, {})[component_type(pid)] = built.pipelines[pid]
+                routes.setdefault(rid, {}).setdefault(component_type(pid), []).append(
+                    built.pipelines[pid])
         for rid, signals in routes.items():
-            router = _Router(signals.get("traces"), signals.get("metrics"))
+            router = _Router(signals.get("traces", []), signals.get("metrics", []))
             _route_memory_limiter(router)
             built.receivers.extend(_receivers(rid, receivers.get(rid) or {}, router))
     except BaseException:
@@ -782,8 +811,8 @@ def _route_memory_limiter(router: _Router) -> None:
     strictest soft limit when both pipelines have one)."""
     from knhk.receivers._common import memory_limiter_of, set_memory_limiter
 
-    limiters = [lim for lim in (memory_limiter_of(p) for p in (router.traces, router.metrics)
-                                if p is not None) if lim is not None]
+    limiters = [lim for lim in (memory_limiter_of(p) for p in (*router.traces, *router.metrics))
+                if lim is not None]
     if limiters:
         set_memory_limiter(router, min(limiters, key=lambda lim: lim.soft_limit))
 

@@ -667,14 +667,6 @@ def _check_service(config: Mapping[str, Any], lines: _Lines | None) -> None:
             raise ConfigError(_where(lines, ("service", "pipelines", pids[1], part)) +
                               f"exporter {name!r} is already used by pipeline {pids[0]!r}; "
                               "it owns a port or directory, so it may be in one pipeline")
-        if part == "receivers":
-            for signal in ("traces", "metrics"):
-                same = [p for p in pids if component_type(p) == signal]
-                if len(same) > 1:
-                    raise ConfigError(_where(lines, ("service", "pipelines", same[1], part)) +
-                                      f"receiver {name!r} already feeds {signal} pipeline "
-                                      f"{same[0]!r}; knhk feeds one {signal} pipeline "
-                                      "per receiver")
 
 
 def _check_reliability(config: Mapping[str, Any], lines: _Lines | None) -> None:

@@ -305,3 +305,37 @@ def test_prometheus_metric_expiration_must_be_a_duration(tmp_path):
     cfg["service"]["pipelines"]["traces"]["exporters"].append("prometheus")
     with pytest.raises(ConfigError, match=r"exporters\.prometheus\.metric_expiration"):
         validate_config(cfg)
+
+
+def test_a_receiver_in_two_traces_pipelines_feeds_both(tmp_path):
+    cfg = _config(tmp_path)
+    pipelines = cfg["service"]["pipelines"]
+    pipelines["traces/copy"] = {"receivers": ["otlp"], "exporters": ["file/c"]}
+    cfg["exporters"]["file/c"] = {"path": str(tmp_path / "c"), "prefix": "c"}
+    validate_config(cfg)
+    server = Server(cfg).start()
+    try:
+        sent = sdk_send(server.built.listening[0][2], traces=12)
+    finally:
+        assert server.shutdown(10.0)
+    got = {name: id_pairs(recorded_spans(str(tmp_path / name))) for name in ("t", "c")}
+    assert got["t"] == got["c"] == sent and len(sent) > 0
+    stats = server.summary()
+    assert stats["traces"]["events_received"] == stats["traces/copy"]["events_received"]
+
+
+def test_fan_out_takes_a_request_only_when_the_first_pipeline_does():
+    from knhk.serve.components import _Router
+
+    first = knhk.TelemetryPipeline.builder().build()
+    side_sink = knhk.InMemoryExporter()
+    side = knhk.TelemetryPipeline.builder().with_exporter(side_sink).build()
+    router = _Router([first, side], [])
+    batch = generate(100, WorkloadConfig(seed=4))
+    assert router.try_record_batch(batch) == 100
+    first.shutdown()
+    # the first pipeline refuses (here: shut down): nothing is taken anywhere, so the
+    # client's retry cannot duplicate spans in the side pipeline
+    assert router.try_record_batch(batch) is None
+    assert side.shutdown()
+    assert sum(b.num_rows for b in side_sink.batches) == 100
