@@ -3,7 +3,9 @@
 A :class:`CepRule` joins a :class:`CepPattern` and a :class:`CepAction`.
 Patterns are evaluated on whole batches (NumPy; no Python loop per span) and
 keep state across batch boundaries, bounded by ``max_state`` entries with
-evictions counted:
+evictions counted (``cep_state_evictions`` in the processor's counters); the
+group-by values a rule has seen are forgotten once no state refers to them
+(``cep_keys_forgotten``), so memory follows the live keys:
 
 - ``CepPattern.count_threshold(matcher, threshold, within, by=None)``: at least
   ``threshold`` matching spans within ``within`` seconds (per key);
@@ -403,6 +405,10 @@ class CepRule:
             raise ValueError(f"max_state must be >= 1, got {self.max_state}")
 
 
+#: Distinct group-by values a rule's key encoder holds before it forgets dead ones.
+_COMPACT_AT = 4096
+
+
 class _RuleState:
     """One rule's state across batches: carried events, a key encoder, counters."""
 
@@ -415,6 +421,8 @@ class _RuleState:
         self._carry = [(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64))
                        for _ in range(max(steps, 1))]
         self.evictions = 0
+        self.keys_forgotten = 0
+        self._compact_at = _COMPACT_AT  # doubles with the live keys: amortized O(1) a key
         self.matches = 0
         self.derived: list[Span] = []
         self._nfa_state = _NfaStore()
@@ -439,6 +447,40 @@ class _RuleState:
         return self._keys.key_values(int(key))
 
     def process(self, batch: SpanBatch, valid: np.ndarray, t: np.ndarray) -> list[Alert]:
+        alerts = self._process(batch, valid, t)
+        if self._keys is not None and self._keys.n_groups > self._compact_at:
+            self._compact_keys()
+            self._compact_at = max(_COMPACT_AT, 2 * self._keys.n_groups)
+        return alerts
+
+    def _live_key_arrays(self) -> list[np.ndarray]:
+        out = [k for k, _, _ in self._carry] + [self._nfa_state.keys]
+        seen = getattr(self, "_b_seen", None)
+        if seen is not None:
+            out.append(seen[0])
+        corr = getattr(self, "_corr", None)
+        if corr is not None:
+            out += [corr[0][0], corr[1][0]]
+        return out
+
+    def _compact_keys(self) -> None:
+        """Forget the group-by values no carried state refers to any more, once they
+        outnumber the live ones: the encoder's vocabulary follows the live keys (at
+        most ``max_state`` per kind of state), not every value ever seen."""
+        live = np.unique(np.concatenate(self._live_key_arrays()))
+        before = self._keys.n_groups
+        remap = self._keys.compact(live)  # keeps the order: sorted state stays sorted
+        self._carry = [(remap[k], tt, st) for k, tt, st in self._carry]
+        self._nfa_state.keys = remap[self._nfa_state.keys]
+        seen = getattr(self, "_b_seen", None)
+        if seen is not None:
+            self._b_seen = (remap[seen[0]], seen[1])
+        corr = getattr(self, "_corr", None)
+        if corr is not None:
+            self._corr = ((remap[corr[0][0]], corr[0][1]), (remap[corr[1][0]], corr[1][1]))
+        self.keys_forgotten += before - live.size
+
+    def _process(self, batch: SpanBatch, valid: np.ndarray, t: np.ndarray) -> list[Alert]:
         p = self.rule.pattern
         keys = self._key(batch)
         masks = [m.mask(batch) & valid for m in p.matchers]

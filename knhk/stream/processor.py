@@ -256,7 +256,11 @@ class StreamProcessor:
     def counters(self) -> dict[str, int]:
         """Cumulative counters: spans seen, invalid and late spans, windows closed, alerts."""
         with self._lock:
-            return {**self._counters, **self._router.counters()}
+            out = {**self._counters, **self._router.counters()}
+            if self._cep:
+                out["cep_state_evictions"] = sum(st.evictions for st in self._cep)
+                out["cep_keys_forgotten"] = sum(st.keys_forgotten for st in self._cep)
+            return out
 
     # -- the stage ------------------------------------------------------------------
 

@@ -314,3 +314,63 @@ def test_emit_action_puts_a_derived_span_into_the_pipeline(pipeline_factory):
     assert derived[0]["start_time_ns"] == 2 * S
     attrs = {a["key"]: a for a in derived[0]["attributes"]}
     assert attrs["knhk.cep.rule"]["str"] == "burst" and attrs["knhk.cep.count"]["int"] == 2
+
+
+# -- the key vocabulary follows the live keys --------------------------------------------
+
+
+def _rules(max_state):
+    return [
+        CepRule("burst", CepPattern.count_threshold(Matcher(status="error"), 3, within=5,
+                                                    by="service"),
+                CepAction.alert("error", "{key}"), max_state=max_state),
+        CepRule("seq", CepPattern.sequence([Matcher(name="a"), Matcher(name="b")], within=5,
+                                           by="service"), CepAction.alert("warning", "{key}"),
+                max_state=max_state),
+        CepRule("missing", CepPattern.absence(Matcher(name="a"), Matcher(name="b"), within=5,
+                                              by="service"), CepAction.alert("info", "{key}"),
+                max_state=max_state),
+        CepRule("rx", CepPattern.regex("ab", {"a": Matcher(name="a"), "b": Matcher(name="b")},
+                                       within=5, by="service"),
+                CepAction.alert("info", "{key}"), max_state=max_state),
+    ]
+
+
+@pytest.mark.parametrize("compact_at", [16, 10**9])
+def test_rules_keyed_by_ever_new_values_forget_dead_keys_and_fire_alike(monkeypatch,
+                                                                        compact_at):
+    """Each batch brings new services (a high-cardinality key) and a rule's state is
+    bounded (max_state: the oldest partial matches are evicted): the encoder of every
+    rule keeps about the keys its state still holds, not every value ever seen, and the
+    alerts equal those of a run that forgets nothing."""
+    import knhk.stream.cep as cep
+
+    def run(at):
+        monkeypatch.setattr(cep, "_COMPACT_AT", at)
+        p = StreamProcessor()
+        for rule in _rules(max_state=40):
+            p.add_cep_rule(rule)
+        rng = np.random.default_rng(5)
+        for b in range(60):
+            events = []
+            for k in range(20):
+                svc = f"svc-{b}-{k}" if k % 4 else f"long-{k}"  # a few keys live on
+                t = b * 3 + float(rng.uniform(0, 3))
+                events += [ev(t, name=str(rng.choice(["a", "b", "c"])), svc=svc,
+                              status=int(rng.choice([0, 2])))]
+            p.process(batch_of(sorted(events)))
+        return p
+
+    p = run(compact_at)
+    reference = run(10**9)
+    got = sorted((a.rule, a.key, a.time_ns) for a in p.alerts)
+    assert got == sorted((a.rule, a.key, a.time_ns) for a in reference.alerts)
+    assert len(got) > 0
+    sizes = [st._keys.n_groups for st in p._cep]
+    counters = p.counters()
+    if compact_at == 16:
+        # 60 batches x 15 new services + 5 long-lived = 905 seen; state holds <= 2 x 40
+        assert max(sizes) < 200
+        assert counters["cep_keys_forgotten"] > 0
+    else:
+        assert min(sizes) > 800 and counters["cep_keys_forgotten"] == 0
