@@ -243,7 +243,7 @@ class PrometheusExporter(Exporter):
         Seconds after which a stream-window gauge or a user metric's series
         that nothing updated is no longer exposed (as the Collector's
         Prometheus exporter's ``metric_expiration``, default 5 minutes): a
-        key that stopped appearing does not keep its last value for ever.
+        key that stopped appearing does not keep its last value forever.
         None keeps every series. Span-derived counters never expire.
 
     Examples

@@ -46,7 +46,7 @@ exporters
     num_consumers, storage}`` (``storage: file_storage/<name>``: a persistent
     queue on disk, replayed after a crash or restart), ``retry_on_failure:
     {enabled, initial_interval, max_interval, max_elapsed_time, multiplier,
-    randomization_factor}`` (``max_elapsed_time: 0`` retries for ever));
+    randomization_factor}`` (``max_elapsed_time: 0`` retries forever));
     ``otlphttp`` (the
     same, ``endpoint`` being the base URL, plus ``traces_endpoint``,
     ``metrics_endpoint``, ``encoding: proto|json``); ``prometheus``
