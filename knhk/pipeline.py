@@ -907,6 +907,11 @@ class TelemetryPipeline:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def exporters(self) -> tuple[Exporter, ...]:
+        """The exporters this pipeline sends to, in the order they were added."""
+        return tuple(w.exporter for w in self._workers)
+
     def processing_latencies(self, since: int = 0) -> tuple[int, np.ndarray]:
         """Per-batch processing latencies (µs) of the batches after the ``since``-th.
 

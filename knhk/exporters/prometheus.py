@@ -589,9 +589,14 @@ class PrometheusExporter(Exporter):
         """What the scrape reads from others, taken before the exporter's lock: a stream
         processor holds its own lock while it hands windows to this exporter."""
         p = self._pipeline
-        snap: dict[str, Any] = {"stats": None, "validation": None, "processors": []}
+        snap: dict[str, Any] = {"stats": None, "validation": None, "processors": [],
+                                "balancers": []}
         if p is not None:
             snap["stats"] = p.stats()
+            from knhk.exporters.loadbalancing import LoadBalancingExporter
+
+            snap["balancers"] = [ex.stats() for ex in getattr(p, "exporters", ())
+                                 if isinstance(ex, LoadBalancingExporter)]
             validator = getattr(p, "validator", None)
             if validator is not None:
                 snap["validation"] = validator.stats()
@@ -685,6 +690,30 @@ class PrometheusExporter(Exporter):
             for k, v in sorted(stream.items()):
                 fam(metric_name(f"knhk_stream_{k}", None, "counter"), "counter",
                     f"Stream processor counter {k!r}.", [((), v)])
+        balancers = snap.get("balancers") or []
+        if balancers:
+            per = [(ep, st) for b in balancers for ep, st in sorted(b["endpoints"].items())]
+            fam("knhk_loadbalancer_endpoints", "gauge",
+                "Endpoints the load-balancing exporter routes to now.",
+                [((), sum(b["endpoints_active"] for b in balancers))])
+            fam("knhk_loadbalancer_membership_changes_total", "counter",
+                "Changes of the load balancer's set of endpoints.",
+                [((), sum(b["membership_changes"] for b in balancers))])
+            fam("knhk_loadbalancer_resolve_errors_total", "counter",
+                "Failed resolutions of the load balancer's endpoints (DNS, file).",
+                [((), sum(b["resolve_errors"] for b in balancers))])
+            fam("knhk_loadbalancer_spans_routed_total", "counter",
+                "Spans routed to each endpoint by the load balancer.",
+                [((("endpoint", ep),), st["spans_routed"]) for ep, st in per])
+            fam("knhk_loadbalancer_spans_exported_total", "counter",
+                "Spans each endpoint accepted.",
+                [((("endpoint", ep),), st["spans_exported"]) for ep, st in per])
+            fam("knhk_loadbalancer_spans_failed_total", "counter",
+                "Spans given up on, by endpoint.",
+                [((("endpoint", ep),), st["spans_failed"]) for ep, st in per])
+            fam("knhk_loadbalancer_endpoint_active", "gauge",
+                "1 while an endpoint is in the routing table, 0 once it left.",
+                [((("endpoint", ep),), int(st["active"])) for ep, st in per])
         fam("knhk_prometheus_points_dropped_total", "counter",
             "Metric points not exposed (name or type conflicts, unreadable attributes).",
             [((("reason", r),), n) for r, n in sorted(self._points_dropped.items())])

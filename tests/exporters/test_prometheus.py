@@ -666,3 +666,28 @@ def test_family_drop_stale_keeps_the_overflow_series_and_its_index():
     assert fam.overflow == 1 and fam.index == {(("k", "b"),): 0}
     fam.add((("k", "b"),), 5, now=9.0)
     assert fam.values == [6, 2]
+
+
+def test_load_balancer_endpoints_are_exposed(pipeline_factory):
+    from knhk.exporters.loadbalancing import LoadBalancingExporter
+    from knhk.exporters.memory import InMemoryExporter
+
+    sinks = {ep: InMemoryExporter() for ep in ("a:4317", "b:4317", "c:4317")}
+    lb = LoadBalancingExporter(["a:4317", "b:4317"], exporter_factory=sinks.get)
+    prom = exporter()
+    pipeline = pipeline_factory(lambda b: b.with_exporter(lb).with_exporter(prom))
+    pipeline.record_batch(generate(3000, WorkloadConfig(seed=2)))
+    assert pipeline.force_flush(10.0)
+    lb.set_endpoints(["b:4317", "c:4317"])
+    smp = samples(prom.collect_text())
+    routed = of(smp, "knhk_loadbalancer_spans_routed_total")
+    assert sum(routed.values()) == 3000
+    # c joined after the batch: it is listed, with nothing routed to it yet
+    assert routed == {(("endpoint", ep),): sinks[ep].spans().num_rows
+                      for ep in ("a:4317", "b:4317")} | {(("endpoint", "c:4317"),): 0}
+    assert min(routed[(("endpoint", ep),)] for ep in ("a:4317", "b:4317")) > 0
+    assert of(smp, "knhk_loadbalancer_endpoint_active")[(("endpoint", "a:4317"),)] == 0
+    assert of(smp, "knhk_loadbalancer_endpoint_active")[(("endpoint", "b:4317"),)] == 1
+    assert of(smp, "knhk_loadbalancer_endpoints") == {(): 2}
+    assert of(smp, "knhk_loadbalancer_membership_changes_total") == {(): 2}
+    assert promtool(prom.collect_text()).returncode == 0
