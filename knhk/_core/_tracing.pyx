@@ -15,17 +15,29 @@ their parent's clamped interval (dropped with their subtree when they lie
 outside it), CONSUMER children of PRODUCER parents are left out, and the walk
 goes from a span to its last-finishing child, returning to the parent with the
 child's start as a bound. The walk is iterative: no recursion however deep.
-Each trace is processed in scratch space sized by the longest trace.
+A span's children are clamped and sorted when the walk first enters it, so a
+dropped subtree is never looked at. Each trace is processed in scratch space
+sized by the longest trace.
 
-Python owns every array; positions are indices into the kept rows grouped by
-trace.
+``critical_paths_ids`` fuses the two for rows already grouped by trace
+(``trace_runs`` finds the runs; ``regroup`` moves interleaved rows into trace
+order first): per trace it dedups, joins parents and cuts cycles in a table
+that stays in cache, walks the path, and writes the ids of each section
+straight into the result, reading the Arrow id buffers and validity bitmap as
+they are. Its result buffers are malloc'd, grown and trimmed by realloc, and
+handed to NumPy without a copy.
+
+Python owns every input array; positions are indices into the kept rows
+grouped by trace.
 """
 
 import numpy as np
 
 cimport numpy as cnp
 
-from libc.stdlib cimport free, malloc, qsort
+from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_New
+from libc.stdlib cimport free, malloc, qsort, realloc
+from libc.string cimport memcpy
 
 from knhk._core._ids cimport be64, id_hash
 from knhk._core._types cimport int8_t, int64_t, uint8_t, uint64_t
@@ -317,6 +329,448 @@ def assemble(const uint8_t[:, ::1] trace_ids, const uint8_t[:, ::1] span_ids,
             counters)
 
 
+cdef inline uint64_t _span_slot(uint64_t sid, int shift) noexcept nogil:
+    # Fibonacci hashing (Knuth, TAOCP 6.4) on the big-endian value: one multiply,
+    # and sequential ids, common in tests and some SDKs, spread evenly.
+    return (_bswap(sid) * <uint64_t>0x9E3779B97F4A7C15ULL) >> shift
+
+
+cdef inline int _table_bits(Py_ssize_t n) noexcept nogil:
+    # A span table of 2**bits >= 4n slots (at least 16): probes stay short.
+    cdef int bits = 4
+    while (<Py_ssize_t>1 << bits) < 4 * n:
+        bits += 1
+    return bits
+
+
+cdef inline uint64_t _bswap(uint64_t x) noexcept nogil:
+    return be64(<const uint8_t*>&x)
+
+
+cdef inline uint64_t _raw64(const uint8_t* p) noexcept nogil:
+    # Native-order load of 8 id bytes: equality and hashing need no byte order,
+    # and the same bytes are stored back into the result unchanged.
+    cdef uint64_t x
+    memcpy(&x, p, 8)
+    return x
+
+
+cdef Py_ssize_t _number_traces(const uint8_t* tp, Py_ssize_t n, int64_t* trace_of,
+                               int64_t* first) noexcept nogil:
+    # Numbers traces by first appearance (the open-addressing table of
+    # ``assemble``), writing each trace's first row to ``first`` and, when
+    # ``trace_of`` is not NULL, each row's trace. Returns the number of traces;
+    # -1 when memory runs out; -2, without ``trace_of``, as soon as a trace
+    # comes back after another trace's rows (the rows are not grouped).
+    cdef Py_ssize_t cap = 1024, i, n_traces = 0
+    cdef uint64_t mask = <uint64_t>(cap - 1)
+    cdef uint64_t hi, lo, j, last_hi = 0, last_lo = 0
+    cdef int64_t last_t = -1, t
+    cdef uint64_t* keys = <uint64_t*>malloc(2 * cap * sizeof(uint64_t))
+    cdef int64_t* vals = <int64_t*>malloc(cap * sizeof(int64_t))
+    if keys == NULL or vals == NULL:
+        free(keys)
+        free(vals)
+        return -1
+    for j in range(<uint64_t>cap):
+        vals[j] = -1
+    for i in range(n):
+        hi = _raw64(tp + 16 * i)
+        lo = _raw64(tp + 16 * i + 8)
+        if last_t >= 0 and hi == last_hi and lo == last_lo:
+            if trace_of != NULL:
+                trace_of[i] = last_t
+            continue
+        j = id_hash(hi, lo) & mask
+        while True:
+            if vals[j] < 0:
+                keys[2 * j] = hi
+                keys[2 * j + 1] = lo
+                vals[j] = n_traces
+                first[n_traces] = i
+                t = n_traces
+                n_traces += 1
+                break
+            if keys[2 * j] == hi and keys[2 * j + 1] == lo:
+                t = vals[j]
+                if trace_of == NULL:
+                    n_traces = -2
+                break
+            j = (j + 1) & mask
+        if n_traces == -2:
+            break
+        if trace_of != NULL:
+            trace_of[i] = t
+        last_hi = hi
+        last_lo = lo
+        last_t = t
+        if 2 * n_traces > cap:
+            if not _grow(&keys, &vals, &cap):
+                n_traces = -1
+                break
+            mask = <uint64_t>(cap - 1)
+    free(keys)
+    free(vals)
+    return n_traces
+
+
+def trace_runs(const uint8_t[:, ::1] trace_ids):
+    """Offsets of the traces (int64, T + 1) when every trace's rows are contiguous, else None."""
+    # Only run boundaries are looked up in the trace table, and the scan stops
+    # at the first trace that comes back after another's rows.
+    cdef Py_ssize_t n = trace_ids.shape[0]
+    cdef Py_ssize_t n_traces
+    first_a = np.empty(n + 1, dtype=np.int64)
+    cdef int64_t[::1] first = first_a
+    with nogil:
+        n_traces = _number_traces(&trace_ids[0, 0] if n else NULL, n, NULL, &first[0])
+    if n_traces == -1:
+        raise MemoryError("trace_runs: cannot allocate the trace table")
+    if n_traces == -2:
+        return None
+    first[n_traces] = n
+    return first_a[:n_traces + 1].copy()
+
+
+def regroup(const uint8_t[:, ::1] trace_ids, const uint8_t[:, ::1] span_ids,
+            const uint8_t[:, ::1] parent_ids, const uint8_t[::1] parent_valid,
+            Py_ssize_t valid_offset, const int64_t[::1] start, const int64_t[::1] end,
+            const int8_t[::1] kind):
+    """The columns ``critical_paths_ids`` reads, with rows grouped by trace.
+
+    Traces in order of first appearance, row order within a trace (a stable
+    counting sort). A null parent id becomes eight zero bytes, which the
+    kernels read as no parent, so the result needs no validity bitmap.
+    Returns ``(trace_ids, span_ids, parent_ids, start, end, kind,
+    trace_offsets)``.
+    """
+    # Rows are read in order and written scattered: scattered stores cost far
+    # less than the scattered loads of reading through a permutation.
+    cdef Py_ssize_t n = trace_ids.shape[0]
+    cdef Py_ssize_t i, t, q, n_traces, vbit
+    cdef bint all_valid = parent_valid.shape[0] == 0
+    cdef const uint8_t* vp = NULL
+    cdef const uint8_t* tp = &trace_ids[0, 0] if n else NULL
+    cdef const uint8_t* sp = &span_ids[0, 0] if n else NULL
+    cdef const uint8_t* pp = &parent_ids[0, 0] if n else NULL
+    if not all_valid:
+        vp = &parent_valid[0]
+    trace_of_a = np.empty(n, dtype=np.int64)
+    first_a = np.empty(n + 1, dtype=np.int64)
+    cdef int64_t[::1] trace_of = trace_of_a
+    cdef int64_t[::1] first = first_a
+    with nogil:
+        n_traces = _number_traces(tp, n, &trace_of[0] if n else NULL, &first[0])
+    if n_traces < 0:
+        raise MemoryError("regroup: cannot allocate the trace table")
+    offsets_a = np.zeros(n_traces + 1, dtype=np.int64)
+    tid_a = np.empty((n, 2), dtype=np.uint64)
+    sid_a = np.empty(n, dtype=np.uint64)
+    pid_a = np.empty(n, dtype=np.uint64)
+    start_a = np.empty(n, dtype=np.int64)
+    end_a = np.empty(n, dtype=np.int64)
+    kind_a = np.empty(n, dtype=np.int8)
+    cdef int64_t[::1] offsets = offsets_a
+    cdef int64_t[::1] fill = first_a
+    cdef uint64_t[:, ::1] tid_o = tid_a
+    cdef uint64_t[::1] sid_o = sid_a
+    cdef uint64_t[::1] pid_o = pid_a
+    cdef int64_t[::1] start_o = start_a
+    cdef int64_t[::1] end_o = end_a
+    cdef int8_t[::1] kind_o = kind_a
+    with nogil:
+        for i in range(n):
+            offsets[trace_of[i] + 1] += 1
+        for t in range(n_traces):
+            offsets[t + 1] += offsets[t]
+        for t in range(n_traces):
+            fill[t] = offsets[t]
+        for i in range(n):
+            t = trace_of[i]
+            q = fill[t]
+            fill[t] += 1
+            tid_o[q, 0] = _raw64(tp + 16 * i)
+            tid_o[q, 1] = _raw64(tp + 16 * i + 8)
+            sid_o[q] = _raw64(sp + 8 * i)
+            vbit = valid_offset + i
+            if all_valid or (vp[vbit >> 3] >> (vbit & 7)) & 1:
+                pid_o[q] = _raw64(pp + 8 * i)
+            else:
+                pid_o[q] = 0
+            start_o[q] = start[i]
+            end_o[q] = end[i]
+            kind_o[q] = kind[i]
+    return (tid_a.view(np.uint8), sid_a.view(np.uint8).reshape(n, 8),
+            pid_a.view(np.uint8).reshape(n, 8), start_a, end_a, kind_a, offsets_a)
+
+
+cdef void _free_capsule(object capsule) noexcept:
+    free(PyCapsule_GetPointer(capsule, NULL))
+
+
+cdef object _owned(void* data, Py_ssize_t n, Py_ssize_t width, int typenum):
+    # A NumPy array (n, or n x width) over ``data`` (malloc'd) that frees it:
+    # the result is filled without the GIL and handed over without a copy.
+    cdef cnp.npy_intp dims[2]
+    dims[0] = n
+    dims[1] = width
+    arr = cnp.PyArray_SimpleNewFromData(1 if width == 1 else 2, dims, typenum, data)
+    cnp.set_array_base(<cnp.ndarray>arr, PyCapsule_New(data, NULL, _free_capsule))
+    return arr
+
+
+# The result first gets room for one section per span (paths of realistic
+# traces have about one for every two spans), at most this many; it grows if needed.
+cdef enum:
+    _FIRST_RESERVE_MAX = 1 << 24
+
+
+cdef struct sections_t:
+    uint64_t* tid      # 2 words per section: the trace id's 16 bytes as stored
+    uint64_t* root     # the root's span id bytes
+    uint64_t* sid      # the section's span id bytes
+    int64_t* s
+    int64_t* e
+    Py_ssize_t cap
+
+
+cdef bint _reserve(sections_t* o, Py_ssize_t need) noexcept nogil:
+    # Grows the result by realloc (glibc moves large blocks by remapping pages
+    # rather than copying); a failed realloc leaves the old block valid.
+    cdef Py_ssize_t cap = 2 * o.cap
+    cdef void* p
+    if need <= o.cap:
+        return True
+    if cap < need:
+        cap = need
+    p = realloc(o.tid, 16 * cap)
+    if p == NULL:
+        return False
+    o.tid = <uint64_t*>p
+    p = realloc(o.root, 8 * cap)
+    if p == NULL:
+        return False
+    o.root = <uint64_t*>p
+    p = realloc(o.sid, 8 * cap)
+    if p == NULL:
+        return False
+    o.sid = <uint64_t*>p
+    p = realloc(o.s, 8 * cap)
+    if p == NULL:
+        return False
+    o.s = <int64_t*>p
+    p = realloc(o.e, 8 * cap)
+    if p == NULL:
+        return False
+    o.e = <int64_t*>p
+    o.cap = cap
+    return True
+
+
+cdef inline void* _shrink(void* p, Py_ssize_t size) noexcept nogil:
+    # Gives back the unused tail; keeps the block if realloc cannot (it stays valid).
+    cdef void* q = realloc(p, size if size > 0 else 1)
+    return p if q == NULL else q
+
+
+def critical_paths_ids(const uint8_t[:, ::1] trace_ids, const uint8_t[:, ::1] span_ids,
+                       const uint8_t[:, ::1] parent_ids, const uint8_t[::1] parent_valid,
+                       Py_ssize_t valid_offset, const int64_t[::1] start,
+                       const int64_t[::1] end, const int8_t[::1] kind,
+                       const int64_t[::1] trace_offsets):
+    """Assembly and critical paths in one pass, trace by trace, from the id columns.
+
+    Rows must be grouped by trace, ``trace_offsets`` delimiting the traces
+    (``trace_runs``, else ``regroup`` first). ``parent_valid`` is the parent
+    column's Arrow validity bitmap, read from bit ``valid_offset`` on (empty:
+    no nulls). Within a trace the first row of each span id is kept, parents
+    are joined on span id, orphans become roots, cycles are cut where
+    ``assemble`` cuts them, an end before its start reads as the start, and
+    the path is walked as ``critical_paths`` walks it. Returns ``(trace_id,
+    root_span_id, span_id, section_start, section_end, counters)``: ids as
+    uint8 (k, 16) / (k, 8) holding the input bytes, sections in the order of
+    ``critical_paths``, counters (int64: duplicates, orphans, cycles).
+    """
+    cdef Py_ssize_t n = trace_ids.shape[0]
+    cdef Py_ssize_t n_traces = trace_offsets.shape[0] - 1
+    cdef bint all_valid = parent_valid.shape[0] == 0
+    cdef const uint8_t* vp = NULL
+    cdef Py_ssize_t vbit
+    cdef Py_ssize_t t, a, b, p, q, x, L, row, longest = 1, stride, hcap, n_out = 0, cnt
+    cdef uint64_t sid, hmask, j, tid0, tid1
+    cdef int bits
+    cdef int64_t dups = 0, orphans = 0, cycles = 0, stamp, s0, e0, n_up, n_down
+    cdef Py_ssize_t L_cyc
+    cdef bint failed = False
+    for t in range(n_traces):
+        if trace_offsets[t + 1] - trace_offsets[t] > longest:
+            longest = trace_offsets[t + 1] - trace_offsets[t]
+    stride = longest + 1
+    hcap = <Py_ssize_t>1 << _table_bits(longest)
+
+    # Scratch for one trace at a time, sized by the longest, so that it stays in cache.
+    cdef int64_t* walk = <int64_t*>malloc(8 * stride * sizeof(int64_t))
+    cdef child_t* ch = <child_t*>malloc(stride * sizeof(child_t))
+    cdef int64_t* loc = <int64_t*>malloc(10 * stride * sizeof(int64_t))
+    cdef uint64_t* hkeys = <uint64_t*>malloc(hcap * sizeof(uint64_t))
+    cdef int64_t* hvals = <int64_t*>malloc(hcap * sizeof(int64_t))
+    cdef int8_t* kd = <int8_t*>malloc(stride)
+    cdef sections_t o
+    o.cap = 0
+    o.tid = NULL
+    o.root = NULL
+    o.sid = NULL
+    o.s = NULL
+    o.e = NULL
+    if (walk == NULL or ch == NULL or loc == NULL or hkeys == NULL or hvals == NULL
+            or kd == NULL or not _reserve(&o, (n if n < _FIRST_RESERVE_MAX else
+                                               _FIRST_RESERVE_MAX) + 16)):
+        failed = True
+    # Per kept span of the trace, in row order.
+    cdef int64_t* lslot = loc
+    cdef uint64_t* lsid = <uint64_t*>(loc + stride)
+    cdef uint64_t* lpid = <uint64_t*>(loc + 2 * stride)
+    cdef int64_t* par = loc + 3 * stride
+    cdef int64_t* st = loc + 4 * stride
+    cdef int64_t* en = loc + 5 * stride
+    # Per section of the trace (at most 2 per span); the cycle stamps share
+    # sec_pos's space, dead before the walk writes it.
+    cdef int64_t* sec_pos = loc + 6 * stride
+    cdef int64_t* sec_root = loc + 8 * stride
+    cdef int64_t* mark = sec_pos
+    cdef const uint8_t* tp = &trace_ids[0, 0] if n else NULL
+    cdef const uint8_t* sp = &span_ids[0, 0] if n else NULL
+    cdef const uint8_t* pp = &parent_ids[0, 0] if n else NULL
+    if not all_valid:
+        vp = &parent_valid[0]
+    if not failed:
+        with nogil:
+            for j in range(<uint64_t>hcap):
+                hvals[j] = -1
+            for t in range(n_traces):
+                a = trace_offsets[t]
+                b = trace_offsets[t + 1]
+                bits = _table_bits(b - a)
+                hmask = (<uint64_t>1 << bits) - 1
+                # Keep the first row of each span id.
+                L = 0
+                for row in range(a, b):
+                    sid = _raw64(sp + 8 * row)
+                    j = _span_slot(sid, 64 - bits)
+                    while True:
+                        if hvals[j] < 0:
+                            hkeys[j] = sid
+                            hvals[j] = L
+                            lslot[L] = <int64_t>j
+                            lsid[L] = sid
+                            vbit = valid_offset + row
+                            if all_valid or (vp[vbit >> 3] >> (vbit & 7)) & 1:
+                                lpid[L] = _raw64(pp + 8 * row)
+                            else:
+                                lpid[L] = 0
+                            s0 = start[row]
+                            e0 = end[row]
+                            st[L] = s0
+                            en[L] = e0 if e0 > s0 else s0
+                            kd[L] = kind[row]
+                            L += 1
+                            break
+                        if hkeys[j] == sid:
+                            dups += 1
+                            break
+                        j = (j + 1) & hmask
+                # Parents by span id; an absent parent makes an orphan root.
+                n_up = 0
+                n_down = 0
+                for q in range(L):
+                    par[q] = -1
+                    sid = lpid[q]
+                    if sid == 0:
+                        continue
+                    j = _span_slot(sid, 64 - bits)
+                    while hvals[j] >= 0:
+                        if hkeys[j] == sid:
+                            par[q] = hvals[j]
+                            break
+                        j = (j + 1) & hmask
+                    if par[q] < 0:
+                        orphans += 1
+                for q in range(L):
+                    # Branch-free: a self-link (par == q) counts as both kinds.
+                    n_up += (par[q] >= 0) & (par[q] <= q)
+                    n_down += par[q] >= q
+                # Cycles, cut as ``assemble`` cuts them (walks started in row order).
+                # A longer cycle needs a link to an earlier row and one to a later
+                # row, a self-link is both: without both kinds there is no cycle.
+                if n_up == 0 or n_down == 0:
+                    L_cyc = 0
+                else:
+                    L_cyc = L
+                for q in range(L_cyc):
+                    mark[q] = 0
+                for p in range(L_cyc):
+                    if mark[p] != 0:
+                        continue
+                    stamp = p + 1
+                    q = p
+                    while q >= 0 and mark[q] == 0:
+                        mark[q] = stamp
+                        q = par[q]
+                    if q >= 0 and mark[q] == stamp:
+                        par[q] = -1
+                        cycles += 1
+                if not _reserve(&o, n_out + 2 * L):
+                    failed = True
+                    break
+                cnt = _trace_path(par, 0, st, en, kd, L, walk, stride, ch, sec_pos,
+                                  o.s + n_out, o.e + n_out, sec_root, 0)
+                # Only the slots this trace filled are emptied again.
+                for q in range(L):
+                    hvals[lslot[q]] = -1
+                tid0 = _raw64(tp + 16 * a)
+                tid1 = _raw64(tp + 16 * a + 8)
+                for x in range(cnt):
+                    o.tid[2 * (n_out + x)] = tid0
+                    o.tid[2 * (n_out + x) + 1] = tid1
+                    o.sid[n_out + x] = lsid[sec_pos[x]]
+                    o.root[n_out + x] = lsid[sec_root[x]]
+                n_out += cnt
+            if not failed:
+                o.tid = <uint64_t*>_shrink(o.tid, 16 * n_out)
+                o.root = <uint64_t*>_shrink(o.root, 8 * n_out)
+                o.sid = <uint64_t*>_shrink(o.sid, 8 * n_out)
+                o.s = <int64_t*>_shrink(o.s, 8 * n_out)
+                o.e = <int64_t*>_shrink(o.e, 8 * n_out)
+    free(walk)
+    free(ch)
+    free(loc)
+    free(hkeys)
+    free(hvals)
+    free(kd)
+    try:
+        if failed:
+            raise MemoryError("critical_paths_ids: cannot allocate scratch space or the result")
+        # Ownership moves to each array as it is made; what is left is freed below.
+        tid_a = _owned(o.tid, n_out, 16, cnp.NPY_UINT8)
+        o.tid = NULL
+        root_a = _owned(o.root, n_out, 8, cnp.NPY_UINT8)
+        o.root = NULL
+        sid_a = _owned(o.sid, n_out, 8, cnp.NPY_UINT8)
+        o.sid = NULL
+        s_a = _owned(o.s, n_out, 1, cnp.NPY_INT64)
+        o.s = NULL
+        e_a = _owned(o.e, n_out, 1, cnp.NPY_INT64)
+        o.e = NULL
+    finally:
+        free(o.tid)
+        free(o.root)
+        free(o.sid)
+        free(o.s)
+        free(o.e)
+    return (tid_a, root_a, sid_a, s_a, e_a,
+            np.array([dups, orphans, cycles], dtype=np.int64))
+
+
 def critical_paths(const int64_t[::1] parent, const int64_t[::1] trace_offsets,
                    const int64_t[::1] start, const int64_t[::1] end,
                    const int8_t[::1] kind):
@@ -331,7 +785,7 @@ def critical_paths(const int64_t[::1] parent, const int64_t[::1] trace_offsets,
     """
     cdef Py_ssize_t m = parent.shape[0]
     cdef Py_ssize_t n_traces = trace_offsets.shape[0] - 1
-    cdef Py_ssize_t t, longest = 1
+    cdef Py_ssize_t t, a, longest = 1
     for t in range(n_traces):
         if trace_offsets[t + 1] - trace_offsets[t] > longest:
             longest = trace_offsets[t + 1] - trace_offsets[t]
@@ -367,9 +821,11 @@ def critical_paths(const int64_t[::1] parent, const int64_t[::1] trace_offsets,
     try:
         with nogil:
             for t in range(n_traces):
-                n_out = _trace_path(par_p, st_p, en_p, kd_p, trace_offsets[t],
-                                    trace_offsets[t + 1], scratch, longest + 1, ch,
-                                    o_pos, o_s, o_e, o_root, n_out)
+                a = trace_offsets[t]
+                n_out += _trace_path(par_p + a, a, st_p + a, en_p + a, kd_p + a,
+                                     trace_offsets[t + 1] - a, scratch, longest + 1, ch,
+                                     o_pos + n_out, o_s + n_out, o_e + n_out,
+                                     o_root + n_out, a)
                 path_off[t + 1] = n_out
     finally:
         free(scratch)
@@ -378,93 +834,88 @@ def critical_paths(const int64_t[::1] parent, const int64_t[::1] trace_offsets,
             out_root_a[:n_out].copy(), path_off_a)
 
 
-cdef Py_ssize_t _trace_path(const int64_t* parent, const int64_t* start,
-                            const int64_t* end, const int8_t* kind,
-                            Py_ssize_t a, Py_ssize_t b, int64_t* scratch, Py_ssize_t stride,
-                            child_t* ch, int64_t* out_pos, int64_t* out_s,
-                            int64_t* out_e, int64_t* out_root,
-                            Py_ssize_t n_out) noexcept nogil:
-    # One trace, positions a..b, local indices 0..L-1.
-    cdef Py_ssize_t L = b - a
-    cdef int64_t* cstart = scratch
-    cdef int64_t* cend = scratch + stride
-    cdef int64_t* coff = scratch + 2 * stride
-    cdef int64_t* fill = scratch + 3 * stride
-    cdef int64_t* queue = scratch + 4 * stride
-    cdef int64_t* ptr = scratch + 5 * stride
+cdef inline Py_ssize_t _enter(Py_ssize_t q, const int64_t* start, const int64_t* end,
+                              const int8_t* kind, int64_t* cs, int64_t* ce,
+                              const int64_t* head, const int64_t* nxt, child_t* ch,
+                              Py_ssize_t top) noexcept nogil:
+    # Clamps q's children to q's clamped interval (q is clamped already: the
+    # walk enters a span only from its parent), drops those outside it and
+    # CONSUMER children of a PRODUCER, and lays the rest out at ch[top:],
+    # last-finishing first. Returns the new top.
+    cdef Py_ssize_t c = head[q], lo = top
+    cdef int64_t s, e, qs = cs[q], qe = ce[q]
+    cdef bint producer = kind[q] == KIND_PRODUCER
+    while c >= 0:
+        s = start[c]
+        e = end[c]
+        if s < qe and e > qs and not (producer and kind[c] == KIND_CONSUMER):
+            if s < qs:
+                s = qs
+            if e > qe:
+                e = qe
+            cs[c] = s
+            ce[c] = e
+            ch[top].end = e
+            ch[top].start = s
+            ch[top].pos = c
+            top += 1
+        c = nxt[c]
+    if top - lo > 1:
+        _sort_children(&ch[lo], top - lo)
+    return top
+
+
+cdef Py_ssize_t _trace_path(const int64_t* parent, int64_t poff, const int64_t* start,
+                            const int64_t* end, const int8_t* kind, Py_ssize_t L,
+                            int64_t* scratch, Py_ssize_t stride, child_t* ch,
+                            int64_t* out_pos, int64_t* out_s, int64_t* out_e,
+                            int64_t* out_root, int64_t pos_base) noexcept nogil:
+    # One trace of L spans: ``parent``, ``start``, ``end`` and ``kind`` point at
+    # its first span and a parent value minus ``poff`` is a local index 0..L-1.
+    # Writes sections from out_*[0] on, positions as pos_base + local index,
+    # and returns how many. Children are clamped lazily, as the walk enters
+    # their parent: a dropped child's subtree is never looked at.
+    cdef int64_t* cs = scratch
+    cdef int64_t* ce = scratch + stride
+    cdef int64_t* head = scratch + 2 * stride
+    cdef int64_t* nxt = scratch + 3 * stride
+    cdef int64_t* ptr = scratch + 4 * stride
+    cdef int64_t* fill = scratch + 5 * stride
     cdef int64_t* roots = scratch + 6 * stride
-    cdef int64_t* kept = scratch + 7 * stride
-    cdef Py_ssize_t i, q, c, k, lo, hi, head = 0, tail = 0, n_roots = 0, root, cur
+    cdef Py_ssize_t i, q, c, k, n_roots = 0, root, cur, top
+    cdef Py_ssize_t n_out = 0
     cdef int64_t bound = 0, s0, s1, r
     cdef bint has_bound
 
-    for i in range(L + 1):
-        coff[i] = 0
     for i in range(L):
-        kept[i] = 0
-        if parent[a + i] >= 0:
-            coff[parent[a + i] - a + 1] += 1
+        head[i] = -1
+    # Sibling lists (latest row first; the sort on entry orders them fully).
     for i in range(L):
-        coff[i + 1] += coff[i]
-        fill[i] = coff[i]
-    for i in range(L):
-        q = parent[a + i]
+        q = parent[i]
         if q >= 0:
-            q -= a
-            ch[fill[q]].pos = i
-            fill[q] += 1
+            q -= poff
+            nxt[i] = head[q]
+            head[q] = i
         else:
             roots[n_roots] = i
             n_roots += 1
-            cstart[i] = start[a + i]
-            cend[i] = end[a + i]
-            kept[i] = 1
-            queue[tail] = i
-            tail += 1
-
-    # Clamp breadth-first, so a parent is clamped before its children.
-    while head < tail:
-        q = queue[head]
-        head += 1
-        for k in range(coff[q], coff[q + 1]):
-            c = ch[k].pos
-            if kind[a + q] == KIND_PRODUCER and kind[a + c] == KIND_CONSUMER:
-                continue
-            if start[a + c] >= cend[q] or end[a + c] <= cstart[q]:
-                continue
-            cstart[c] = start[a + c] if start[a + c] > cstart[q] else cstart[q]
-            cend[c] = end[a + c] if end[a + c] < cend[q] else cend[q]
-            kept[c] = 1
-            queue[tail] = c
-            tail += 1
-
-    # Keep only clamped children, sorted last-finishing first.
-    for q in range(L):
-        lo = coff[q]
-        hi = lo
-        for k in range(coff[q], coff[q + 1]):
-            c = ch[k].pos
-            if kept[c]:
-                ch[hi].pos = c
-                ch[hi].end = cend[c]
-                ch[hi].start = cstart[c]
-                hi += 1
-        if hi - lo > 1:
-            _sort_children(&ch[lo], hi - lo)
-        fill[q] = hi
-        ptr[q] = lo
 
     # Roots in start order (then position): insertion sort, few roots per trace.
     for i in range(1, n_roots):
         r = roots[i]
         k = i - 1
-        while k >= 0 and start[a + roots[k]] > start[a + r]:
+        while k >= 0 and start[roots[k]] > start[r]:
             roots[k + 1] = roots[k]
             k -= 1
         roots[k + 1] = r
 
     for i in range(n_roots):
         root = roots[i]
+        cs[root] = start[root]
+        ce[root] = end[root]
+        ptr[root] = 0
+        top = _enter(root, start, end, kind, cs, ce, head, nxt, ch, 0)
+        fill[root] = top
         cur = root
         has_bound = False
         while True:
@@ -477,23 +928,26 @@ cdef Py_ssize_t _trace_path(const int64_t* parent, const int64_t* start,
                     continue
                 c = ch[k].pos
                 break
-            s1 = bound if has_bound else cend[cur]
-            s0 = cend[c] if c >= 0 else cstart[cur]
+            s1 = bound if has_bound else ce[cur]
+            s0 = ce[c] if c >= 0 else cs[cur]
             if s0 != s1:
-                out_pos[n_out] = a + cur
+                out_pos[n_out] = pos_base + cur
                 out_s[n_out] = s0
                 out_e[n_out] = s1
-                out_root[n_out] = a + root
+                out_root[n_out] = pos_base + root
                 n_out += 1
             if c >= 0:
                 cur = c
                 has_bound = False
+                ptr[cur] = top
+                top = _enter(cur, start, end, kind, cs, ce, head, nxt, ch, top)
+                fill[cur] = top
             elif cur == root:
                 break
             else:
-                bound = cstart[cur]
+                bound = cs[cur]
                 has_bound = True
-                cur = parent[a + cur] - a
+                cur = parent[cur] - poff
     return n_out
 
 

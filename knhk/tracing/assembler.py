@@ -56,6 +56,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 _k = load_core("_tracing")
+_NO_BITS = np.empty(0, dtype=np.uint8)
+# Up to this many edges, service_call_graph finds each edge's p99 by a selection.
+_SELECT_PER_EDGE_MAX = 2_000
 
 _PATH_SCHEMA = pa.schema([
     pa.field("trace_id", pa.binary(16), nullable=False),
@@ -66,8 +69,9 @@ _PATH_SCHEMA = pa.schema([
 ])
 
 
-def _id_matrix(col: pa.Array, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """(n, width) uint8 view of a fixed-size binary column, and its validity."""
+def _id_matrix(col: pa.Array, width: int,
+               validity: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """(n, width) uint8 view of a fixed-size binary column, and its validity (if asked)."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     n = len(col)
@@ -77,6 +81,8 @@ def _id_matrix(col: pa.Array, width: int) -> tuple[np.ndarray, np.ndarray]:
     else:
         raw = np.frombuffer(buf, dtype=np.uint8, count=(col.offset + n) * width)
         raw = np.ascontiguousarray(raw[col.offset * width:].reshape(n, width))
+    if not validity:
+        return raw, None
     valid = (np.ones(n, dtype=np.uint8) if col.null_count == 0
              else col.is_valid().to_numpy(zero_copy_only=False).astype(np.uint8))
     return raw, valid
@@ -303,32 +309,51 @@ class TraceSet:
         """
         dur = self._end - self._start
         self_t = self.self_time_ns()
-        t = pa.table({
-            "service": self._column("service").cast(pa.string()),
-            "operation": self._column("name").cast(pa.string()),
-            "dur": dur, "self": self_t,
-        })
-        g = t.group_by(["service", "operation"], use_threads=False).aggregate(
-            [("dur", "count"), ("dur", "sum"), ("self", "sum"), ("dur", "min"),
-             ("dur", "mean"), ("dur", "max")])
+        services, s_code = self._codes("service")
+        operations, o_code = self._codes("name")
+        # Grouped on dictionary codes (a stable radix sort when the pair codes
+        # fit 16 bits) rather than on strings: only the few groups become text.
+        n_ops = max(len(operations), 1)
+        key = s_code * n_ops + o_code
+        order = np.argsort(key.astype(np.uint16) if max(len(services), 1) * n_ops <= 1 << 16
+                           else key, kind="stable")
+        key, dur_k, self_k = key[order], dur[order], self_t[order]
+        first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else \
+            np.zeros(0, dtype=np.int64)
+        count = np.diff(np.r_[first, len(key)]).astype(np.int64)
+
+        def per_group(ufunc: np.ufunc, values: np.ndarray) -> np.ndarray:
+            return ufunc.reduceat(values, first) if len(first) else np.zeros(0, np.int64)
+
+        total = per_group(np.add, dur_k)
+        k0 = key[first]
+        g = {"service": pa.array(services[k0 // n_ops] if len(k0) else [], pa.string()),
+             "operation": pa.array(operations[k0 % n_ops] if len(k0) else [], pa.string()),
+             "dur_count": pa.array(count, pa.int64()),
+             "dur_sum": pa.array(total, pa.int64()),
+             "self_sum": pa.array(per_group(np.add, self_k), pa.int64()),
+             "dur_min": pa.array(per_group(np.minimum, dur_k), pa.int64()),
+             # As Arrow's mean of integers: the exact int64 sum over the count.
+             "dur_mean": pa.array(total / np.maximum(count, 1), pa.float64()),
+             "dur_max": pa.array(per_group(np.maximum, dur_k), pa.int64())}
         trace_total = self._trace_durations().sum()
-        self_sum = g.column("self_sum").to_numpy()
+        self_sum = g["self_sum"].to_numpy()
         percent = (100.0 * self_sum / trace_total if trace_total > 0
                    else np.zeros(len(self_sum)))
         out = pa.table({
-            "service": g.column("service"), "operation": g.column("operation"),
-            "count": g.column("dur_count"), "total_time_ns": g.column("dur_sum"),
-            "self_time_ns": g.column("self_sum"), "min_ns": g.column("dur_min"),
-            "avg_ns": g.column("dur_mean"), "max_ns": g.column("dur_max"),
+            "service": g["service"], "operation": g["operation"],
+            "count": g["dur_count"], "total_time_ns": g["dur_sum"],
+            "self_time_ns": g["self_sum"], "min_ns": g["dur_min"],
+            "avg_ns": g["dur_mean"], "max_ns": g["dur_max"],
             "percent": pa.array(percent, pa.float64()),
         })
         order = pc.sort_indices(out, [("self_time_ns", "descending"),
                                       ("service", "ascending"), ("operation", "ascending")])
         return out.take(order)
 
-    def _service_codes(self) -> tuple[np.ndarray, np.ndarray]:
-        """Distinct service names (sorted) and each span's index into them."""
-        col = self._source.column("service")
+    def _codes(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct values of a string column (sorted) and each span's index into them."""
+        col = self._source.column(name)
         if isinstance(col, pa.ChunkedArray):
             col = col.combine_chunks()
         if pa.types.is_dictionary(col.type):
@@ -362,17 +387,22 @@ class TraceSet:
             ``latency_total_ns``, ``latency_avg_ns``, ``latency_p99_ns``
             (nearest rank), sorted by client then server.
         """
-        names, code = self._service_codes()
+        names, code = self._codes("service")
         status = self._numeric("status_code")
         child = np.flatnonzero(self.parent >= 0)
         par = self.parent[child]
         ci, si = code[par], code[child]
         keep = ci != si
         child, par, ci, si = child[keep], par[keep], ci[keep], si[keep]
+        n_edges = max(len(names), 1) ** 2
         edge = ci * max(len(names), 1) + si
         lat = self._end[child] - self._start[child]
         err = (status[child] == 2) | (status[par] == 2)
-        order = np.lexsort((lat, edge))
+        # Group by edge with a stable sort (a radix sort when edge codes fit 16
+        # bits); each edge's p99 is then a selection within its group, which
+        # costs far less than sorting every latency.
+        order = np.argsort(edge.astype(np.uint16) if n_edges <= 1 << 16 else edge,
+                           kind="stable")
         edge, lat, err = edge[order], lat[order], err[order]
         first = np.flatnonzero(np.r_[True, edge[1:] != edge[:-1]]) if len(edge) else \
             np.zeros(0, dtype=np.int64)
@@ -380,8 +410,15 @@ class TraceSet:
         total = np.add.reduceat(lat, first) if len(edge) else np.zeros(0, np.int64)
         errors = np.add.reduceat(err.astype(np.int64), first) if len(edge) else \
             np.zeros(0, np.int64)
-        p99 = lat[first + np.ceil(0.99 * counts).astype(np.int64) - 1] if len(edge) else \
-            np.zeros(0, np.int64)
+        # Nearest rank: the ceil(0.99 n)-th smallest latency of the edge.
+        rank = np.ceil(0.99 * counts).astype(np.int64) - 1
+        if len(first) <= _SELECT_PER_EDGE_MAX:
+            p99 = np.array([np.partition(lat[a:a + c], r)[r]
+                            for a, c, r in zip(first, counts, rank, strict=True)],
+                           dtype=np.int64)
+        else:
+            # Many edges: one sort of (edge, latency) beats a selection per edge.
+            p99 = lat[np.lexsort((lat, edge))[first + rank]]
         e0 = edge[first]
         n_names = max(len(names), 1)
         return pa.table({
@@ -499,6 +536,15 @@ def critical_paths(batch: Any) -> pa.Table:
         ``section_end``; traces in order of first appearance, each trace's
         sections as :meth:`Trace.critical_path` lists them.
 
+    Notes
+    -----
+    Equal to ``assemble(batch).critical_paths()`` (duplicates, orphans and
+    cycles handled as :func:`assemble` handles them), without building the
+    :class:`TraceSet`: one kernel assembles each trace and walks its path
+    straight from the batch's id buffers. Rows of a trace need not be
+    contiguous, but the call is fastest when they are (one extra pass
+    regroups them otherwise).
+
     Examples
     --------
     >>> import knhk
@@ -509,7 +555,33 @@ def critical_paths(batch: Any) -> pa.Table:
     >>> t.column("section_start").to_pylist(), t.column("section_end").to_pylist()
     ([0, 5], [10, 15])
     """
-    return assemble(batch).critical_paths()
+    batch = _as_batch(batch)
+    rb = batch.record_batch
+    tids, _ = _id_matrix(rb.column("trace_id"), 16)
+    sids, _ = _id_matrix(rb.column("span_id"), 8)
+    pcol = rb.column("parent_span_id")
+    pids, _ = _id_matrix(pcol, 8, validity=False)
+    # The validity bitmap goes to the kernels as Arrow holds it.
+    valid = (np.frombuffer(pcol.buffers()[0], np.uint8) if pcol.null_count
+             else _NO_BITS)
+    cols = (tids, sids, pids, valid, pcol.offset, _int64(rb.column("start_time_ns")),
+            _int64(rb.column("end_time_ns")), rb.column("kind").to_numpy())
+    offsets = _k.trace_runs(tids)
+    if offsets is None:
+        # Traces interleaved: one pass moves the needed columns into trace order.
+        *grouped, offsets = _k.regroup(*cols)
+        cols = (*grouped[:3], _NO_BITS, 0, *grouped[3:])
+    # Assembly and the walk in one kernel pass over each trace's rows: no parent
+    # index, no gathered columns and no id gathers in between.
+    tid, root, sid, s, e, counters = _k.critical_paths_ids(*cols, offsets)
+    if counters[2]:
+        logger.warning("trace assembly cut %d cycle(s) in parent links", counters[2])
+    return pa.Table.from_arrays([_binary(tid, 16), _binary(root, 8), _binary(sid, 8),
+                                 pa.array(s), pa.array(e)], schema=_PATH_SCHEMA)
+
+
+def _int64(col: pa.Array) -> np.ndarray:
+    return np.ascontiguousarray(col.to_numpy(), dtype=np.int64)
 
 
 def service_graph_metrics(edges: pa.Table, *, time_ns: int | None = None,

@@ -4,8 +4,10 @@
 (trace, span id) kept, parents looked up in a dict, cycles cut where a walk up
 the parent chain meets itself); ``critical_paths`` to a recursive transcription
 of Jaeger UI's rules as issue 6 states them; ``self_times`` to a per-span union
-of intervals. Inputs are random forests with duplicates, missing parents,
-cycles, clock skew, ties and producer/consumer pairs.
+of intervals; the fused ``critical_paths_ids`` (with ``trace_runs`` and
+``regroup`` in front of it) to the two references composed, ids and all.
+Inputs are random forests with duplicates, missing parents, cycles, clock skew,
+ties, zero-length spans and producer/consumer pairs, rows in any order.
 """
 
 from __future__ import annotations
@@ -296,3 +298,116 @@ def test_assemble_many_interleaved_traces_grows_the_trace_table():
     assert len(got[1]) - 1 == len(set(tids))
     for g, r in zip(got, ref, strict=True):
         assert g.tolist() == r
+
+
+# -- the fused kernel ------------------------------------------------------------------
+
+
+def ref_trace_runs(tids):
+    """Offsets of the traces when each trace's rows are contiguous, else None."""
+    seen, first = set(), []
+    for i, t in enumerate(tids):
+        if i and t == tids[i - 1]:
+            continue
+        if t in seen:
+            return None
+        seen.add(t)
+        first.append(i)
+    return [*first, len(tids)]
+
+
+def ref_paths_ids(tids, sids, pids, has, start, end, kind):
+    """Sections as (trace id, root span id, span id, start, end) bytes and ints."""
+    rows, offsets, parent, *_ = ref_assemble(tids, sids, pids, has)
+    s = [start[i] for i in rows]
+    e = [max(end[i], start[i]) for i in rows]
+    sections, _ = ref_critical_paths(parent, offsets, s, e, [kind[i] for i in rows])
+    return [(tids[rows[p]].to_bytes(16, "big"), sids[rows[r]].to_bytes(8, "big"),
+             sids[rows[p]].to_bytes(8, "big"), a, b) for p, a, b, r in sections]
+
+
+def run_paths_ids(tids, sids, pids, has, start, end, kind, bit_offset=0):
+    """The kernels as ``knhk.tracing.critical_paths`` chains them; sections as tuples."""
+    # The validity bitmap as Arrow lays it out, starting ``bit_offset`` bits in.
+    bits = np.packbits(np.r_[np.ones(bit_offset, bool), np.array(has, bool)],
+                       bitorder="little")
+    cols = (_ids(tids, 16), _ids(sids, 8), _ids(pids, 8), bits, bit_offset,
+            np.array(start, dtype=np.int64), np.array(end, dtype=np.int64),
+            np.array(kind, dtype=np.int8))
+    offsets = k.trace_runs(cols[0])
+    assert (None if offsets is None else offsets.tolist()) == ref_trace_runs(tids)
+    if offsets is None:
+        *grouped, offsets = k.regroup(*cols)
+        cols = (*grouped[:3], np.empty(0, np.uint8), 0, *grouped[3:])
+    tid, root, sid, s0, s1, counters = k.critical_paths_ids(*cols, offsets)
+    assert tid.shape == (len(s0), 16) and root.shape == sid.shape == (len(s0), 8)
+    got = [(bytes(a), bytes(b), bytes(c), int(d), int(e))
+           for a, b, c, d, e in zip(tid, root, sid, s0, s1, strict=True)]
+    return got, counters.tolist()
+
+
+@st.composite
+def forests_any_order(draw):
+    """Forests with rows interleaved across traces, or grouped by trace."""
+    f = draw(forests())
+    if draw(st.booleans()):
+        # Rows grouped by trace (first appearance), row order kept within a trace.
+        first = {t: i for i, t in reversed(list(enumerate(f[0])))}
+        order = sorted(range(len(f[0])), key=lambda i: first[f[0][i]])
+        f = tuple([col[i] for i in order] for col in f)
+    return f
+
+
+@settings(max_examples=250, deadline=None)
+@given(forests_any_order(), st.integers(0, 9))
+def test_critical_paths_ids_match_references(f, bit_offset):
+    tids, sids, pids, has, *_ = f
+    got, counters = run_paths_ids(*f, bit_offset=bit_offset)
+    assert got == ref_paths_ids(*f)
+    assert counters == ref_assemble(tids, sids, pids, has)[5]
+
+
+@settings(max_examples=100, deadline=None)
+@given(forests())
+def test_regroup_is_a_stable_sort_by_first_appearance(f):
+    tids, sids, pids, has, start, end, kind = f
+    cols = (_ids(tids, 16), _ids(sids, 8), _ids(pids, 8),
+            np.packbits(np.array(has, bool), bitorder="little"), 0,
+            np.array(start, dtype=np.int64), np.array(end, dtype=np.int64),
+            np.array(kind, dtype=np.int8))
+    rank = {t: r for r, t in enumerate(dict.fromkeys(tids))}
+    order = np.argsort(np.array([rank[t] for t in tids]), kind="stable")
+    g_tid, g_sid, g_pid, g_start, g_end, g_kind, offsets = k.regroup(*cols)
+    assert np.array_equal(g_tid, cols[0][order])
+    assert np.array_equal(g_sid, cols[1][order])
+    # A null parent reads as eight zero bytes: no parent.
+    assert np.array_equal(g_pid, np.where(np.array(has)[:, None], cols[2], 0)[order])
+    assert np.array_equal(g_start, cols[5][order]) and np.array_equal(g_end, cols[6][order])
+    assert np.array_equal(g_kind, cols[7][order])
+    assert offsets.tolist() == [0, *np.cumsum(np.bincount([rank[t] for t in tids])).tolist()]
+
+
+def test_critical_paths_ids_result_grows_past_one_section_per_span():
+    # A chain of 300 spans has 599 sections: the result outgrows its first
+    # reservation (one section per span, plus 16) and must be regrown without loss.
+    n = 300
+    f = ([1] * n, list(range(1, n + 1)), list(range(0, n)), [True] * n,
+         list(range(n)), [2 * n - i for i in range(n)], [1] * n)
+    got, _ = run_paths_ids(*f)
+    assert len(got) == 2 * n - 1
+    assert got == ref_paths_ids(*f)
+
+
+def test_critical_paths_ids_of_nothing():
+    got, counters = run_paths_ids([], [], [], [], [], [], [])
+    assert got == [] and counters == [0, 0, 0]
+    assert k.trace_runs(np.zeros((0, 16), np.uint8)).tolist() == [0]
+
+
+def test_critical_paths_ids_reads_only_valid_parents():
+    # Row 1's parent bytes name row 0, but its validity bit is clear: a root.
+    f = ([1, 1], [1, 2], [0, 1], [True, False], [0, 2], [10, 5], [1, 1])
+    got, counters = run_paths_ids(*f, bit_offset=3)
+    assert counters == [0, 0, 0]
+    assert [g[1:] for g in got] == [(b"\0" * 7 + b"\1", b"\0" * 7 + b"\1", 0, 10),
+                                     (b"\0" * 7 + b"\2", b"\0" * 7 + b"\2", 2, 5)]

@@ -56,9 +56,16 @@ def batch(*spans, trace=1) -> knhk.SpanBatch:
 
 
 def path_of(*spans) -> list[tuple[int, int, int]]:
-    trace = assemble(batch(*spans))[0]
-    return [(int.from_bytes(s.span_id, "big"), s.section_start, s.section_end)
+    b = batch(*spans)
+    trace = assemble(b)[0]
+    path = [(int.from_bytes(s.span_id, "big"), s.section_start, s.section_end)
             for s in trace.critical_path()]
+    # The one-call form (a separate, fused kernel) must walk every case the same.
+    table = critical_paths(b)
+    assert list(zip([int.from_bytes(x, "big") for x in table.column("span_id").to_pylist()],
+                    table.column("section_start").to_pylist(),
+                    table.column("section_end").to_pylist(), strict=True)) == path
+    return path
 
 
 # -- critical path rules -----------------------------------------------------------
@@ -153,6 +160,26 @@ def test_critical_paths_batch_equals_per_trace():
     cols = ("trace_id", "span_id", "section_start", "section_end")
     got = list(zip(*(table.column(c).to_pylist() for c in cols), strict=True))
     assert got == rows
+
+
+def test_critical_paths_in_any_row_order_and_over_a_sliced_batch():
+    # Shuffled rows take the regrouping route; a slice gives the parent column's
+    # validity bitmap a bit offset. Both must agree with assembly + the walk.
+    b = generate(4_000, WorkloadConfig(seed=17)).slice(3)
+    assert b.column("parent_span_id").offset == 3 and b.column("parent_span_id").null_count
+    shuffled = b.take(pa.array(np.random.default_rng(2).permutation(b.num_rows)))
+    for x in (b, shuffled):
+        table = critical_paths(x)
+        assert table.schema == assemble(x).critical_paths().schema
+        assert table.equals(assemble(x).critical_paths())
+        assert table.num_rows > len(assemble(x))
+
+
+def test_critical_paths_reports_cut_cycles(caplog):
+    with caplog.at_level("WARNING", logger="knhk.tracing"):
+        table = critical_paths(batch((1, 3, 0, 10), (2, 1, 1, 9), (3, 2, 2, 8)))
+    assert "cut 1 cycle" in caplog.text
+    assert table.column("section_end").to_pylist()[0] == 10
 
 
 def test_paths_of_a_workload_tile_every_root():
@@ -314,8 +341,11 @@ def test_latency_breakdown_matches_python_over_a_workload():
         a[3] = d if a[3] is None else min(a[3], d)
         a[4] = d if a[4] is None else max(a[4], d)
     got = {(r["service"], r["operation"]): [r["count"], r["total_time_ns"], r["self_time_ns"],
-                                            r["min_ns"], r["max_ns"]] for r in table.to_pylist()}
-    assert got == {key: v for key, v in agg.items()}
+                                            r["min_ns"], r["max_ns"], r["avg_ns"]]
+           for r in table.to_pylist()}
+    assert got == {key: [*v, v[1] / v[0]] for key, v in agg.items()}
+    selfs = table.column("self_time_ns").to_pylist()
+    assert selfs == sorted(selfs, reverse=True)
 
 
 def test_service_call_graph_by_hand():
@@ -370,3 +400,41 @@ def test_empty_input_gives_empty_results():
     assert service_call_graph(e).num_rows == 0
     assert service_graph_metrics(service_call_graph(e)).num_rows == 0
     assert len(TraceAssembler().assemble_all()) == 0
+
+
+def test_service_call_graph_matches_python_over_a_workload():
+    # A dict per (client, server) of the child spans' durations, sorted; p99 by
+    # nearest rank, exactly as the Collector's servicegraph connector reads it.
+    b = generate(6_000, WorkloadConfig(seed=21))
+    ts = assemble(b)
+    svc = ts.spans.column("service").cast(pa.string()).to_pylist()
+    status = ts.spans.column("status_code").to_pylist()
+    start = ts.spans.column("start_time_ns").to_pylist()
+    end = ts.spans.column("end_time_ns").to_pylist()
+    edges = defaultdict(lambda: [[], 0])
+    for c, p in enumerate(ts.parent.tolist()):
+        if p >= 0 and svc[p] != svc[c]:
+            e = edges[(svc[p], svc[c])]
+            e[0].append(end[c] - start[c])
+            e[1] += status[c] == 2 or status[p] == 2
+    expected = []
+    for (client, server), (lats, errors) in sorted(edges.items()):
+        lats.sort()
+        expected.append({"client": client, "server": server, "calls": len(lats),
+                         "errors": errors, "latency_total_ns": sum(lats),
+                         "latency_avg_ns": sum(lats) / len(lats),
+                         "latency_p99_ns": lats[-(-99 * len(lats) // 100) - 1]})
+    got = service_call_graph(b).to_pylist()
+    assert len(got) > 3 and any(e["errors"] for e in got)
+    assert got == expected
+
+
+def test_service_call_graph_p99_with_many_edges(monkeypatch):
+    # Past the per-edge selection limit, one sort finds every p99: both must agree.
+    import knhk.tracing.assembler as asm
+
+    b = generate(3_000, WorkloadConfig(seed=8))
+    by_selection = service_call_graph(b)
+    monkeypatch.setattr(asm, "_SELECT_PER_EDGE_MAX", 0)
+    by_sort = service_call_graph(b)
+    assert len(by_sort) > 3 and by_sort.equals(by_selection)
