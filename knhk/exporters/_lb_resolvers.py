@@ -144,8 +144,13 @@ class DnsResolver:
         self.port = port
         self.interval = float(interval)
         self.timeout = float(timeout)
+        self._pending: threading.Thread | None = None
 
     def resolve(self) -> list[str]:
+        if self._pending is not None and self._pending.is_alive():
+            # one lookup at a time: a resolver that hangs does not pile up threads
+            raise ResolveError(f"DNS lookup of {self.hostname!r} still running (started "
+                               f"more than {self.timeout:g} s ago)")
         result: list[Any] = []
 
         def lookup() -> None:
@@ -156,7 +161,7 @@ class DnsResolver:
                 result.append(exc)
 
         # getaddrinfo has no timeout of its own; an abandoned lookup ends by itself
-        t = threading.Thread(target=lookup, name="knhk-lb-dns", daemon=True)
+        t = self._pending = threading.Thread(target=lookup, name="knhk-lb-dns", daemon=True)
         t.start()
         t.join(self.timeout)
         if not result:

@@ -587,3 +587,31 @@ def test_a_removed_endpoint_that_never_answers_is_given_up_after_drain_timeout()
     assert s["active"] is False and s["spans_failed"] == on_dead and s["spans_exported"] == 0
     assert s["errors_by_reason"].get("shutdown", 0) >= 1
     lb.shutdown(1.0)
+
+
+def test_a_hanging_dns_lookup_does_not_pile_up_threads(monkeypatch):
+    """A resolver that hangs (no real DNS server can be made to hang here, so
+    getaddrinfo is replaced by one that waits) times out, and later refreshes do not
+    start more lookups while it is still stuck."""
+    import threading
+
+    import knhk.exporters._lb_resolvers as resolvers
+
+    release = threading.Event()
+    real = resolvers.socket.getaddrinfo
+
+    def stuck(*args, **kwargs):
+        release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(resolvers.socket, "getaddrinfo", stuck)
+    r = DnsResolver("localhost", 4317, timeout=0.1)
+    with pytest.raises(resolvers.ResolveError, match="took longer"):
+        r.resolve()
+    for _ in range(3):
+        with pytest.raises(resolvers.ResolveError, match="still running"):
+            r.resolve()
+    assert sum(t.name == "knhk-lb-dns" for t in threading.enumerate()) == 1
+    release.set()
+    r._pending.join(5)
+    assert "127.0.0.1:4317" in r.resolve()
