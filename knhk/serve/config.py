@@ -597,6 +597,11 @@ def validate_config(config: Mapping[str, Any], *, lines: _Lines | None = None) -
             _check(body, known[ctype], path, lines)
             if section == "processors" and ctype == "tail_sampling" and body:
                 _check_tail(body, path, lines)
+            if section == "exporters" and ctype == "loadbalancing" and \
+                    "resolver" not in (body or {}):
+                raise ConfigError(_where(lines, path) + "resolver: required (static: "
+                                  "{hostnames: [...]}, dns: {hostname: ...} or file: "
+                                  "{path: ...})")
     _check(config.get("service"), _SERVICE, ("service",), lines)
     _check_service(config, lines)
     _check_reliability(config, lines)

@@ -279,3 +279,16 @@ def test_adding_a_backend_at_run_time_through_the_file_resolver(tmp_path):
     for endpoint, trace_ids in zip(tier.endpoints, traces, strict=True):
         assert all(expected_endpoint(t, tier.endpoints) == endpoint
                    for t in trace_ids & after_traces)
+
+
+def test_validate_config_requires_a_resolver(tmp_path):
+    path = tmp_path / "lb.yaml"
+    path.write_text("receivers: {otlp: {protocols: {grpc: {endpoint: 'localhost:0'}}}}\n"
+                    "exporters:\n"
+                    "  loadbalancing:\n"
+                    "    protocol: {otlp: {tls: {insecure: true}}}\n"
+                    "service: {pipelines: {traces: {receivers: [otlp],"
+                    " exporters: [loadbalancing]}}}\n")
+    with pytest.raises(ConfigError, match=r"lb\.yaml:3: exporters\.loadbalancing: resolver: "
+                                          r"required"):
+        load_config(str(path))
