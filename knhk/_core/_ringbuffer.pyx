@@ -1,3 +1,5 @@
+# cython: freethreading_compatible = False
+# (the unlocked append relies on the GIL: see SpanRing's locking notes)
 """Cython ring buffer: spans written row by row into preallocated column segments.
 
 A segment holds ``batch_size`` rows of every span column. ``append`` copies one
@@ -24,7 +26,8 @@ import pyarrow as pa
 cimport cython
 cimport numpy as cnp
 from cpython.bytes cimport PyBytes_AS_STRING
-from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
+from cpython.dict cimport PyDict_GetItemWithError, PyDict_Next, PyDict_SetItem
+from cpython.list cimport PyList_GET_ITEM
 from cpython.ref cimport PyObject
 from libc.stdint cimport uintptr_t
 from libc.string cimport memcpy, memset
@@ -91,27 +94,70 @@ def _bind_python(types, encode_slow):
     _ENCODE_SLOW = encode_slow
 
 
+cdef enum:
+    ID_CACHE = 64    # slots of an interner's identity cache (a power of two)
+
+
 cdef class _Interner:
-    """Strings to int32 indices of a per-batch dictionary."""
+    """Strings to int32 indices of a per-batch dictionary.
+
+    Spans mostly pass the very same string objects (literals, constants) again and
+    again, so a small direct-mapped cache by object identity answers before the
+    dict is hashed into. It caches only objects that ``values`` holds, so a cached
+    address cannot be freed and reused by another object while the interner lives.
+    """
     cdef dict index
     cdef list values
+    cdef PyObject* c_obj[ID_CACHE]
+    cdef int32_t c_idx[ID_CACHE]
 
     def __cinit__(self):
         self.index = {}
         self.values = []
+        memset(self.c_obj, 0, sizeof(self.c_obj))
 
     cdef inline int32_t get(self, object s) except -1:
-        cdef PyObject* p = PyDict_GetItem(self.index, s)
+        cdef Py_ssize_t h = (<uintptr_t><PyObject*>s >> 4) & (ID_CACHE - 1)
+        cdef PyObject* p
         cdef int32_t i
+        if self.c_obj[h] == <PyObject*>s:
+            return self.c_idx[h]
+        # (PyDict_GetItem would save and restore the error state on every call)
+        p = PyDict_GetItemWithError(self.index, s)
         if p is not NULL:
-            return <int32_t><object>p
-        i = <int32_t>len(self.values)
-        self.values.append(s)
-        PyDict_SetItem(self.index, s, i)
+            i = <int32_t><object>p
+        else:
+            i = <int32_t>len(self.values)
+            self.values.append(s)
+            PyDict_SetItem(self.index, s, i)
+        if PyList_GET_ITEM(self.values, i) == <PyObject*>s:
+            self.c_obj[h] = <PyObject*>s
+            self.c_idx[h] = i
         return i
 
     cdef object dictionary(self):
-        return pa.array(self.values, type=pa.string())
+        return _string_array(self.values)
+
+
+# Building an Arrow string array from a list costs microseconds, and a segment's
+# dictionaries (span names, services, attribute keys and values) are usually the
+# same as the previous segment's: small ones are kept, keyed by their values.
+cdef dict _DICTIONARIES = {}
+cdef Py_ssize_t _DICT_CACHE_VALUES = 64
+cdef Py_ssize_t _DICT_CACHE_ENTRIES = 256
+
+
+cdef object _string_array(list values):
+    if len(values) > _DICT_CACHE_VALUES:
+        return pa.array(values, type=pa.string())
+    key = tuple(values)
+    arr = _DICTIONARIES.get(key)
+    if arr is None:
+        arr = pa.array(values, type=pa.string())
+        if len(_DICTIONARIES) >= _DICT_CACHE_ENTRIES:
+            _DICTIONARIES.clear()
+        _DICTIONARIES[key] = arr
+    return arr
 
 
 cdef class _Lease:
@@ -303,6 +349,32 @@ cdef class _AttrCol:
         self.off[row + 1] = <int32_t>self.n
         return 0
 
+    cdef int write_unlocked(self, Py_ssize_t row, dict attrs) except -1:
+        """Append ``attrs`` as row ``row``'s list if every key and value is an exact
+        ``str`` and the column already has room and interners; else 0, with nothing
+        committed (an interned string that no row uses is harmless)."""
+        cdef Py_ssize_t i = self.n, pos = 0
+        cdef PyObject* k
+        cdef PyObject* v
+        if not self.dirty_off or self.keys is None or i + len(attrs) > self.cap:
+            return 0
+        while PyDict_Next(attrs, &pos, &k, &v):
+            if type(<object>k) is not str or type(<object>v) is not str:
+                return 0
+            self.key[i] = self.keys.get(<object>k)
+            self.sidx[i] = self.strs.get(<object>v)
+            self.typ[i] = ATTR_STRING
+            if self.dirty_bool:
+                self.bval[i] = 0
+            if self.dirty_int:
+                self.ival[i] = 0
+            if self.dirty_dbl:
+                self.dval[i] = 0.0
+            i += 1
+        self.n = i
+        self.off[row + 1] = <int32_t>i
+        return 1
+
     cdef int8_t _write_slow(self, Py_ssize_t i, object k, object v, str field) except -1:
         # Rare types (AttributeValue, subclasses, numpy scalars, bytes, arrays,
         # kvlists, None) go through the Python encoder, which names the key on error.
@@ -355,15 +427,15 @@ cdef class _AttrCol:
             key,
             pa.Array.from_buffers(pa.int8(), m, [None, _fbuf(self.a_typ, m, lease)]),
             sval,
-            _numeric_child(pa.int64(), m, self.dirty_int, typ == ATTR_INT,
-                           self.a_int, 8, lease),
-            _numeric_child(pa.float64(), m, self.dirty_dbl, typ == ATTR_DOUBLE,
-                           self.a_dbl, 8, lease),
-            _bool_child(m, self.dirty_bool, typ == ATTR_BOOL, self.a_bool),
+            _numeric_child(m, self.dirty_int, typ, ATTR_INT, self.a_int, lease),
+            _numeric_child(m, self.dirty_dbl, typ, ATTR_DOUBLE, self.a_dbl, lease),
+            _bool_child(m, self.dirty_bool, typ, self.a_bool),
             _sparse_binary(m, self.sparse_bytes),
             _sparse_binary(m, self.sparse_any),
         ]
-        struct = pa.StructArray.from_arrays(children, fields=list(_T.ATTRIBUTE_STRUCT))
+        # (from_buffers: StructArray.from_arrays re-derives the struct type from the
+        # fields each time, several times the cost; every child is exactly m long)
+        struct = pa.Array.from_buffers(_T.ATTRIBUTE_STRUCT, m, [None], children=children)
         return pa.Array.from_buffers(
             _T.ATTRIBUTES_TYPE, rows, [None, _fbuf(self.a_off, (rows + 1) * 4, lease)],
             children=[struct])
@@ -379,19 +451,23 @@ cdef object _empty_attrs():
     return _EMPTY_ATTRS
 
 
-cdef object _numeric_child(object typ, Py_ssize_t m, bint dirty, object mask, object arr,
-                           Py_ssize_t width, object lease):
+cdef object _numeric_child(Py_ssize_t m, bint dirty, object typ, int8_t tag, object arr,
+                           object lease):
+    # (an untouched child is the shared all-null column: no mask is computed)
     if not dirty:
-        return _const("null_i64" if width == 8 and typ == pa.int64() else "null_f64", m)
+        return _const("null_i64" if tag == ATTR_INT else "null_f64", m)
+    mask = typ == tag
     valid = int(np.count_nonzero(mask))
     return pa.Array.from_buffers(
-        typ, m, [_bitmap(mask) if valid < m else None, _fbuf(arr, m * width, lease)],
+        pa.int64() if tag == ATTR_INT else pa.float64(), m,
+        [_bitmap(mask) if valid < m else None, _fbuf(arr, m * 8, lease)],
         null_count=m - valid)
 
 
-cdef object _bool_child(Py_ssize_t m, bint dirty, object mask, object arr):
+cdef object _bool_child(Py_ssize_t m, bint dirty, object typ, object arr):
     if not dirty:
         return _const("null_bool", m)
+    mask = typ == ATTR_BOOL
     valid = int(np.count_nonzero(mask))
     return pa.Array.from_buffers(
         pa.bool_(), m,
@@ -516,6 +592,59 @@ cdef class _Segment:
         self.n = row + 1
         return 0
 
+    cdef int write_unlocked(self, Span span, str default_service) except -1:
+        """Write ``span`` as the next row if it is a plain one; 0 (nothing committed)
+        if it is not. Plain: exact ``str`` name, service and attribute keys and
+        values, and none of the rarely used columns. Nothing here can let the GIL go:
+        no Python code runs (exact ``str`` keys in ``str``-keyed dicts), nothing is
+        freed, no object the collector tracks is allocated, and the row becomes
+        visible only in the last statement."""
+        cdef Py_ssize_t row = self.n
+        cdef object service = span.service
+        if (span.flags != 0 or span.trace_state is not None or span.scope_name is not None
+                or span.scope_version is not None or span.status_message is not None
+                or span.events is not None or span.links is not None
+                or self.dirty_flags or self.dirty_tstate or self.dirty_scope
+                or type(span.name) is not str
+                or (service is not None and type(service) is not str)
+                or span.resource_attributes):
+            return 0
+        memcpy(self.trace + row * 16, PyBytes_AS_STRING(span.trace_id), 16)
+        memcpy(self.spanid + row * 8, PyBytes_AS_STRING(span.span_id), 8)
+        if span.parent_span_id is None:
+            memset(self.parent + row * 8, 0, 8)
+            self.pvalid[row] = 0
+        else:
+            memcpy(self.parent + row * 8, PyBytes_AS_STRING(<bytes>span.parent_span_id), 8)
+            self.pvalid[row] = 1
+        self.name[row] = self.names.get(span.name)
+        if service is None:
+            if self.default_service_idx < 0:
+                if type(default_service) is not str:
+                    return 0
+                self.default_service_idx = self.services.get(default_service)
+            self.service[row] = self.default_service_idx
+        else:
+            self.service[row] = self.services.get(service)
+        self.kind[row] = span._kind
+        self.start[row] = span.start_time_ns
+        self.end[row] = span.end_time_ns
+        self.status[row] = span._status
+        if span.attributes:
+            if not self.attrs.write_unlocked(row, span.attributes):
+                return 0
+        else:
+            self.attrs.end_row(row)
+        # (from here on nothing can fail: the row is committed)
+        self.res.end_row(row)
+        self.scope_attrs.end_row(row)
+        if span.parent_span_id is None:
+            self.any_root = True
+        if row == 0:
+            self.opened_ns = _mono_ns()
+        self.n = row + 1
+        return 1
+
     cdef int _write(self, Py_ssize_t row, Span span, str default_service) except -1:
         memcpy(self.trace + row * 16, PyBytes_AS_STRING(span.trace_id), 16)
         memcpy(self.spanid + row * 8, PyBytes_AS_STRING(span.span_id), 8)
@@ -585,7 +714,8 @@ cdef class _Segment:
         if self.any_root:
             valid = np.frombuffer(self.a_pvalid, np.bool_, n)
             pnulls = n - int(np.count_nonzero(valid))
-            pvalid = _bitmap(valid)
+            # all roots: the shared zero page is an all-null bitmap
+            pvalid = _zeros((n + 7) // 8) if pnulls == n else _bitmap(valid)
         else:
             pnulls, pvalid = 0, None
         cols = [
@@ -755,6 +885,7 @@ cdef class SpanRing:
     cdef readonly int64_t received, accepted, batches_created, segments_allocated, refused
     cdef bint closed
     cdef double admit_floor
+    cdef int held                 # > 0 while a thread is inside a locked section
 
     def __cinit__(self, Py_ssize_t batch_size, Py_ssize_t capacity, int strategy=0,
                   double block_timeout=1.0, str default_service="unknown_service",
@@ -795,6 +926,25 @@ cdef class SpanRing:
         seg.reset()
         return seg
 
+    # -- locking -----------------------------------------------------------------
+    #
+    # Every section that changes the ring takes ``lock`` through _enter/_exit, which
+    # also count the section in ``held``. A locked section may let the GIL go (Arrow
+    # calls, queues, a collection that runs finalizers), so another thread can run
+    # while ``held`` is set -- but never while it is zero. The common append
+    # (_append_unlocked) runs only when ``held`` is zero, holds the GIL throughout
+    # and does nothing that could let it go, so no other thread can observe or
+    # change the ring in the middle of it: the GIL is its lock. (The module is not
+    # declared free-threading compatible, so the interpreter keeps the GIL on for it.)
+
+    cdef inline void _enter(self) noexcept:
+        self.lock.acquire()
+        self.held += 1
+
+    cdef inline void _exit(self) noexcept:
+        self.held -= 1
+        self.lock.release()
+
     # -- producers ---------------------------------------------------------------
 
     def append(self, span):
@@ -802,7 +952,27 @@ cdef class SpanRing:
         if type(span) is not Span:
             if not isinstance(span, Span):
                 raise TypeError(f"record_span expects a knhk.Span, got {type(span).__name__}")
+        if self.held == 0 and self._append_unlocked(<Span>span):
+            return True
         return self._append(<Span>span)
+
+    cdef inline bint _append_unlocked(self, Span span) except -1:
+        """Write ``span`` without the lock when nothing but a plain row write is due:
+        room below capacity and no backpressure decision, a segment that this row
+        does not fill (the row that fills it seals, under the lock), and a span whose
+        columns need no Python call (see :meth:`_Segment.write_unlocked`). Returns
+        False, having committed nothing, when the locked path must take the span."""
+        cdef _Segment seg = self.seg
+        cdef Py_ssize_t occ = self.queued_rows + seg.n
+        if self.closed or seg.n + 1 >= self.batch_size or occ + 1 >= self.capacity:
+            return False
+        if self.strategy == BP_ADAPTIVE and 2 * occ > self.capacity:
+            return False
+        if not seg.write_unlocked(span, self.default_service):
+            return False
+        self.received += 1
+        self.accepted += 1
+        return True
 
     def append_many(self, spans):
         """Record an iterable of spans; return how many were accepted."""
@@ -810,24 +980,33 @@ cdef class SpanRing:
         for span in spans:
             if not isinstance(span, Span):
                 raise TypeError(f"record_spans expects knhk.Span items, got {type(span).__name__}")
-            ok += self._append(<Span>span)
+            if self.held == 0 and self._append_unlocked(<Span>span):
+                ok += 1
+            else:
+                ok += self._append(<Span>span)
         return ok
 
     cdef bint _append(self, Span span) except -1:
         cdef int status
         cdef int64_t deadline = 0
         while True:
-            with self.lock:
+            self._enter()
+            try:
                 status = self._try_append(span)
+            finally:
+                self._exit()
             if status != 2:
                 return status
             # BLOCK: wait for room, then try again.
             if deadline == 0:
                 deadline = _mono_ns() + <int64_t>(self.block_timeout * 1e9)
             if not self._wait_for_space(deadline, 1):
-                with self.lock:
+                self._enter()
+                try:
                     self.received += 1
                     self.dropped[DROP_BLOCK_TIMEOUT] += 1
+                finally:
+                    self._exit()
                 return False
 
     cdef int _try_append(self, Span span) except -1:
@@ -924,7 +1103,8 @@ cdef class SpanRing:
         if n > self.capacity:
             raise ValueError(f"a batch of {n} rows exceeds the ring capacity {self.capacity}")
         while True:
-            with self.lock:
+            self._enter()
+            try:
                 if self.closed:
                     self.received += n
                     self.dropped[DROP_SHUTDOWN] += n
@@ -962,12 +1142,17 @@ cdef class SpanRing:
                         self._push_locked(rb.slice(0, accepted), accepted)
                         self.accepted += accepted
                     return accepted
+            finally:
+                self._exit()
             if deadline == 0:
                 deadline = _mono_ns() + <int64_t>(self.block_timeout * 1e9)
             if not self._wait_for_space(deadline, n):
-                with self.lock:
+                self._enter()
+                try:
                     self.received += n
                     self.dropped[DROP_BLOCK_TIMEOUT] += n
+                finally:
+                    self._exit()
                 return 0
 
     def offer_all(self, list chunks):
@@ -982,7 +1167,8 @@ cdef class SpanRing:
             total += rb.num_rows
         if total == 0:
             return True
-        with self.lock:
+        self._enter()
+        try:
             if self.closed or self.capacity - self.queued_rows - self.seg.n < total:
                 self.refused += total
                 return False
@@ -991,13 +1177,18 @@ cdef class SpanRing:
                 self._push_locked(rb, rb.num_rows)
             self.received += total
             self.accepted += total
+        finally:
+            self._exit()
         return True
 
     def count_invalid(self, Py_ssize_t n):
         """Count ``n`` rows rejected before they reached the ring."""
-        with self.lock:
+        self._enter()
+        try:
             self.received += n
             self.dropped[DROP_INVALID] += n
+        finally:
+            self._exit()
 
     cdef void _push_locked(self, object rb, Py_ssize_t n):
         self.sealed.put((rb, _mono_ns()))
@@ -1023,11 +1214,14 @@ cdef class SpanRing:
 
     def seal(self):
         """Seal the open segment now (if it has rows); return True if one was sealed."""
-        with self.lock:
+        self._enter()
+        try:
             if self.seg.n == 0:
                 return False
             self._seal_locked()
             return True
+        finally:
+            self._exit()
 
     def seal_if_due(self, double interval):
         """Seal the open segment if it has been open ``interval`` seconds.
@@ -1035,7 +1229,8 @@ cdef class SpanRing:
         Return the seconds until the open segment falls due (``interval`` if empty).
         """
         cdef int64_t age
-        with self.lock:
+        self._enter()
+        try:
             if self.seg.n == 0:
                 return interval
             age = _mono_ns() - self.seg.opened_ns
@@ -1043,6 +1238,8 @@ cdef class SpanRing:
                 self._seal_locked()
                 return interval
             return interval - age / 1e9
+        finally:
+            self._exit()
 
     def pop(self, timeout=None):
         """The oldest sealed batch as ``(RecordBatch, sealed_monotonic_ns)``, or None.
@@ -1060,9 +1257,12 @@ cdef class SpanRing:
             return None
         if item is None:
             return None
-        with self.lock:
+        self._enter()
+        try:
             self.queued_rows -= item[0].num_rows
             self.inflight_rows += item[0].num_rows
+        finally:
+            self._exit()
         if self.blocked:
             with self.space:
                 self.space.notify_all()
@@ -1070,8 +1270,11 @@ cdef class SpanRing:
 
     def release(self, Py_ssize_t n):
         """The consumer is done with ``n`` popped rows."""
-        with self.lock:
+        self._enter()
+        try:
             self.inflight_rows -= n
+        finally:
+            self._exit()
 
     def wake(self):
         """Make a waiting :meth:`pop` return (None) now."""
@@ -1079,9 +1282,12 @@ cdef class SpanRing:
 
     def close(self):
         """Refuse further spans (counted as dropped for ``shutdown``), seal, wake the consumer."""
-        with self.lock:
+        self._enter()
+        try:
             self.closed = True
             self._seal_locked()
+        finally:
+            self._exit()
         self.sealed.put(None)
         with self.space:
             self.space.notify_all()
@@ -1106,8 +1312,11 @@ cdef class SpanRing:
 
     def dropped_counts(self):
         """Drop counters indexed by ``DropReason``."""
-        with self.lock:
+        self._enter()
+        try:
             return [self.dropped[i] for i in range(N_DROP_REASONS)]
+        finally:
+            self._exit()
 
 
 cdef inline uint64_t _low64(const char* trace_id) noexcept nogil:

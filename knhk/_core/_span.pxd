@@ -21,6 +21,13 @@ cdef class Span:
     cdef readonly object scope_name
     cdef readonly object scope_version
 
+    cdef int _setup(self, str name, object trace_id, object span_id, object parent_span_id,
+                    object attributes, object duration_ns, object status,
+                    object start_time_ns, object end_time_ns, object kind, object service,
+                    object events, object links, object status_message,
+                    object trace_state, object flags, object resource_attributes,
+                    object scope_name, object scope_version) except -1
+
 
 cdef class SpanEvent:
     cdef readonly str name

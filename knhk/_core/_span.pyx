@@ -6,12 +6,15 @@ ring buffer can copy the fields into its columns without further checks.
 """
 
 from cpython.bytes cimport PyBytes_GET_SIZE
+from cpython.ref cimport PyObject, Py_INCREF
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.stdint cimport INT64_MAX, INT64_MIN
 from libc.string cimport memcmp
 from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
 
 cimport cython
 
+import sys
 from collections.abc import Mapping
 
 from knhk._enums import SpanKind as _SpanKind, SpanStatus as _SpanStatus
@@ -130,6 +133,18 @@ cdef class Span:
                  end_time_ns=None, kind=1, service=None, events=None, links=None,
                  status_message=None, trace_state=None, flags=0,
                  resource_attributes=None, scope_name=None, scope_version=None):
+        self._setup(name, trace_id, span_id, parent_span_id, attributes, duration_ns,
+                    status, start_time_ns, end_time_ns, kind, service, events, links,
+                    status_message, trace_state, flags, resource_attributes, scope_name,
+                    scope_version)
+
+    cdef int _setup(self, str name, object trace_id, object span_id, object parent_span_id,
+                    object attributes, object duration_ns, object status,
+                    object start_time_ns, object end_time_ns, object kind, object service,
+                    object events, object links, object status_message,
+                    object trace_state, object flags, object resource_attributes,
+                    object scope_name, object scope_version) except -1:
+        """The body of ``__init__`` (also behind the fast constructor below)."""
         cdef int64_t start, end
         self.name = name
         self.trace_id = normalize_id(trace_id, 16, "trace_id")
@@ -206,6 +221,7 @@ cdef class Span:
             self.events = [_as_event(e, i) for i, e in enumerate(events)] or None
         if links is not None:
             self.links = [_as_link(l, i) for i, l in enumerate(links)] or None
+        return 0
 
     @property
     def kind(self):
@@ -321,3 +337,90 @@ cdef class SpanLink:
 
     def __repr__(self):
         return f"SpanLink(trace_id={self.trace_id.hex()!r}, span_id={self.span_id.hex()!r})"
+
+
+# -- the fast constructor ------------------------------------------------------------------
+#
+# ``Span(...)`` is the per-event API's hot call. Cython's own constructor parses the
+# 19 parameters into new references and releases them again; this one matches the
+# keywords by identity against the interned parameter names, borrows the values and
+# calls the same ``_setup`` (so checks and errors are those of ``__init__``). Anything
+# it does not handle -- a keyword spelled by a string that is not the interned one,
+# a parameter given twice, a missing or non-``str`` name, too many positional
+# arguments, a subclass -- goes to Cython's constructor, which gives the usual
+# errors. (CPython calls a type through ``tp_vectorcall`` when set; the slot is not
+# inherited, so subclasses keep the generic path.)
+
+cdef extern from "Python.h":
+    ctypedef PyObject* (*vectorcallfunc)(PyObject*, PyObject* const*, size_t,
+                                         PyObject*) except NULL
+    Py_ssize_t PyVectorcall_NARGS(size_t nargsf)
+    ctypedef struct PyTypeObject:
+        vectorcallfunc tp_vectorcall
+
+cdef enum:
+    N_PARAMS = 19
+
+cdef object _PARAM_NAMES = tuple(sys.intern(n) for n in (
+    "name", "trace_id", "span_id", "parent_span_id", "attributes", "duration_ns",
+    "status", "start_time_ns", "end_time_ns", "kind", "service", "events", "links",
+    "status_message", "trace_state", "flags", "resource_attributes", "scope_name",
+    "scope_version"))
+cdef PyObject* _PARAMS[N_PARAMS]
+cdef PyObject* _DEFAULTS[N_PARAMS]      # NULL for the required ones
+cdef object _DEFAULT_VALUES = (None,) * 6 + (0, None, None, 1) + (None,) * 5 + (0,) + (None,) * 3
+cdef vectorcallfunc _generic_new = NULL
+
+
+cdef PyObject* _span_vectorcall(PyObject* cls, PyObject* const* args, size_t nargsf,
+                                PyObject* kwnames) except NULL:
+    cdef Py_ssize_t nargs = PyVectorcall_NARGS(nargsf), nkw = 0, i, j
+    cdef PyObject* v[N_PARAMS]
+    cdef uint32_t given = 0
+    cdef PyObject* key
+    if cls != <PyObject*>Span or nargs > N_PARAMS:
+        return _generic_new(cls, args, nargsf, kwnames)
+    for i in range(N_PARAMS):
+        v[i] = _DEFAULTS[i]
+    for i in range(nargs):
+        v[i] = args[i]
+        given |= (<uint32_t>1) << i
+    if kwnames is not NULL:
+        nkw = PyTuple_GET_SIZE(<object>kwnames)
+        for i in range(nkw):
+            key = PyTuple_GET_ITEM(<object>kwnames, i)
+            j = 0
+            while j < N_PARAMS and _PARAMS[j] != key:
+                j += 1
+            if j == N_PARAMS or given & ((<uint32_t>1) << j):
+                return _generic_new(cls, args, nargsf, kwnames)
+            given |= (<uint32_t>1) << j
+            v[j] = args[nargs + i]
+    if (given & 7) != 7 or type(<object>v[0]) is not str:
+        return _generic_new(cls, args, nargsf, kwnames)
+    return _construct(v)
+
+
+cdef PyObject* _construct(PyObject** v) except NULL:
+    # (the values are borrowed: the caller's arguments and the defaults outlive the call)
+    cdef Span span = Span.__new__(Span)
+    span._setup(<str>v[0], <object>v[1], <object>v[2], <object>v[3], <object>v[4],
+                <object>v[5], <object>v[6], <object>v[7], <object>v[8], <object>v[9],
+                <object>v[10], <object>v[11], <object>v[12], <object>v[13], <object>v[14],
+                <object>v[15], <object>v[16], <object>v[17], <object>v[18])
+    Py_INCREF(span)
+    return <PyObject*>span
+
+
+cdef void _install_fast_constructor():
+    global _generic_new
+    cdef Py_ssize_t i
+    for i in range(N_PARAMS):
+        _PARAMS[i] = <PyObject*>_PARAM_NAMES[i]
+        _DEFAULTS[i] = NULL if i < 3 else <PyObject*>_DEFAULT_VALUES[i]
+    _generic_new = (<PyTypeObject*>Span).tp_vectorcall
+    if _generic_new is not NULL:
+        (<PyTypeObject*>Span).tp_vectorcall = _span_vectorcall
+
+
+_install_fast_constructor()

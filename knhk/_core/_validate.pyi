@@ -50,7 +50,7 @@ def check_attributes(
     miss_row: np.ndarray,  # int32_t[::1] out, capacity = requirement slots
     miss_kid: np.ndarray,  # int32_t[::1] out
     miss_code: np.ndarray,  # int8_t[::1] out
-    stamp: np.ndarray,  # int32_t[::1] scratch, num_keys, filled with -1
+    stamp: np.ndarray,  # int32_t[::1] scratch, num_keys + 1 (else allocated), filled with -1
 ) -> tuple[int, int, int]: ...  # (n_enum, n_missing, n_invalid_rows)
 
 def check_enum_strings(

@@ -17,6 +17,9 @@ the tests hold this kernel equal to is ``tests/validation/_reference.py``.
 """
 
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.string cimport memset
+
+import numpy as np
 
 from knhk._core._types cimport (
     ATTR_EMPTY, ATTR_STRING, ATTR_BOOL, ATTR_INT, ATTR_DOUBLE, ATTR_ARRAY,
@@ -299,43 +302,50 @@ cdef inline int _type_status(int decl, int tag, const uint8_t* any_p,
     return 1
 
 
-cdef inline bint _has32(const int32_t[::1] vals, Py_ssize_t lo, Py_ssize_t hi,
+cdef inline bint _has32(const int32_t* vals, Py_ssize_t lo, Py_ssize_t hi,
                         int32_t x) noexcept nogil:
-    cdef Py_ssize_t end = hi, mid
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if vals[mid] < x:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo < end and vals[lo] == x
+    # Branchless binary search (the last element <= x): enum members arrive in no
+    # predictable order, so a branchy search mispredicts at every step.
+    cdef const int32_t* base = vals + lo
+    cdef Py_ssize_t n = hi - lo, half
+    if n <= 0:
+        return False
+    while n > 1:
+        half = n >> 1
+        base = base + half if base[half] <= x else base
+        n -= half
+    return base[0] == x
 
 
-cdef inline bint _has64(const int64_t[::1] vals, Py_ssize_t lo, Py_ssize_t hi,
+cdef inline bint _has64(const int64_t* vals, Py_ssize_t lo, Py_ssize_t hi,
                         int64_t x) noexcept nogil:
-    cdef Py_ssize_t end = hi, mid
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if vals[mid] < x:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo < end and vals[lo] == x
+    cdef const int64_t* base = vals + lo
+    cdef Py_ssize_t n = hi - lo, half
+    if n <= 0:
+        return False
+    while n > 1:
+        half = n >> 1
+        base = base + half if base[half] <= x else base
+        n -= half
+    return base[0] == x
 
 
-cdef inline bint _bit(const uint8_t[::1] bitmap, Py_ssize_t i) noexcept nogil:
+cdef inline bint _bit(const uint8_t* bitmap, Py_ssize_t i) noexcept nogil:
     return (bitmap[i >> 3] >> (i & 7)) & 1
 
 
-cdef extern from *:
-    int __builtin_ctz(unsigned int x) nogil
+# What an entry needs beyond its (key, tag) bits; precomputed per batch in ``kact``.
+cdef enum:
+    K_DONE = 0
+    K_IGNORE = 1
+    K_ARRAY = 2
+    K_ENUM_STR = 3
+    K_ENUM_INT = 4
 
-
-cdef inline void _count(uint32_t bits, int64_t[::1] counts) noexcept nogil:
-    # A finding mask has one or two bits set: visit just those (count trailing zeros).
-    while bits:
-        counts[__builtin_ctz(bits)] += 1
-        bits &= bits - 1
+# A per-batch (key, string) membership table is built when it costs at most this
+# many cells per entry of the batch (the table is filled once, read per entry).
+cdef enum:
+    ETAB_CELLS_PER_ENTRY = 1
 
 
 def check_attributes(RegistryTables t,
@@ -384,128 +394,214 @@ def check_attributes(RegistryTables t,
     ``key_viol`` sums their violations per group. Returns
     ``(n_enum, n_missing, n_invalid_rows)``.
     """
+    # An entry's findings depend only on its key, its type tag and (for enums and
+    # arrays) its value. Keys are dictionary-encoded, so the (key, tag) part is
+    # computed once per dictionary entry and tag ("kbits", "kact"), and for a
+    # premapped string dictionary the enum membership once per (key, string)
+    # ("etab"); the pass over the entries is then table lookups, and findings are
+    # counted as a histogram of finding masks, so that it hardly branches.
     cdef Py_ssize_t n_rows = offsets.shape[0] - 1
-    cdef Py_ssize_t n_keys_dict = key_map.shape[0]
+    cdef Py_ssize_t n_kd = key_map.shape[0]
     cdef Py_ssize_t n_str = str_used.shape[0]
     cdef Py_ssize_t n_any = any_data.shape[0]
     cdef Py_ssize_t n_rkeys = key_viol.shape[0]
-    cdef Py_ssize_t r, j, q, j0, j1, n_enum = 0, n_miss = 0, n_invalid = 0
+    cdef Py_ssize_t r, j, q, j0, j1, x, n_enum = 0, n_miss = 0, n_invalid = 0
     cdef int32_t kd, kid, g, k, si, rk
-    cdef int tag, d, st, lv, c
+    cdef int tag, st, lv, c, b
     cdef bint check_str = str_valid.shape[0] > 0, check_int = int_valid.shape[0] > 0
     cdef bint keyed = row_key.shape[0] > 0
     cdef bint premapped = str_vid.shape[0] > 0 and str_vid.shape[0] == n_str
+    cdef bint use_etab = False
     cdef int32_t vid
-    cdef uint8_t fl, e, act
+    cdef uint8_t e, act
     cdef uint32_t bits, gs, en = t.enabled, en8 = t.enabled & 0xFF
+    cdef uint8_t b_invalid = (1 << C_INVALID_VALUE) & en8
+    cdef uint8_t b_mismatch = (1 << C_TYPE_MISMATCH) & en8
+    cdef uint8_t b_undef = (1 << C_UNDEFINED_ENUM) & en8
+    cdef uint8_t b_missing = (1 << C_MISSING_ATTRIBUTE) & en8
     cdef int32_t viol
-    cdef int8_t lvl
+    cdef int8_t lvl, le
     cdef Py_ssize_t a0, a1
-    # Raw pointers: the loop reads these tables millions of times.
+    cdef int64_t hist[4][256]     # four, so that runs of one mask do not chain increments
+
+    # Per-batch tables, allocated with the GIL held.
+    kbits_arr = bytearray(max(n_kd * 8, 1))
+    # Presence stamps: key ids, plus one spare slot that unknown keys write to.
+    cdef Py_ssize_t spare = t.num_keys
+    if stamp.shape[0] <= spare:
+        stamp_arr = np.full(spare + 1, -1, dtype=np.int32)
+        stamp = stamp_arr
+    kslot_arr = np.empty(max(n_kd, 1), dtype=np.int32)
+    cdef int32_t[::1] kslot_view = kslot_arr
+    cdef int32_t* kslot = &kslot_view[0]
+    kact_arr = bytearray(max(n_kd * 8, 1))
+    cdef uint8_t* kbits = <uint8_t*><char*>kbits_arr
+    cdef uint8_t* kact = <uint8_t*><char*>kact_arr
+    cdef uint8_t* etab = NULL
+    cdef Py_ssize_t n_enum_kd = 0
+    for kd in range(n_kd):
+        kid = key_map[kd]
+        if kid >= 0 and t.decl[kid] == T_ENUM and (t.flags[kid] & F_ENUM_STR):
+            n_enum_kd += 1
+    if premapped and n_enum_kd and n_enum_kd * n_str <= ETAB_CELLS_PER_ENTRY * max(
+            key_idx.shape[0], 4096):
+        etab_arr = bytearray(n_kd * n_str)
+        etab = <uint8_t*><char*>etab_arr
+        use_etab = True
+
     cdef const uint8_t* anyp = &any_data[0] if n_any > 0 else NULL
+    cdef const int32_t* offs = &offsets[0]
     cdef const int32_t* kidx = &key_idx[0] if key_idx.shape[0] > 0 else NULL
-    cdef const int32_t* kmap = &key_map[0] if n_keys_dict > 0 else NULL
+    cdef const int32_t* kmap = &key_map[0] if n_kd > 0 else NULL
     cdef const int8_t* tg = &tags[0] if tags.shape[0] > 0 else NULL
+    cdef const int32_t* sidx = &str_idx[0] if str_idx.shape[0] > 0 else NULL
+    cdef const int32_t* svid = &str_vid[0] if str_vid.shape[0] > 0 else NULL
+    cdef const int64_t* ivals = &ints[0] if ints.shape[0] > 0 else NULL
+    cdef const uint8_t* svalid = &str_valid[0] if check_str else NULL
+    cdef const uint8_t* ivalid = &int_valid[0] if check_int else NULL
+    cdef const int32_t* aoff = &any_off[0] if any_off.shape[0] > 0 else NULL
+    cdef const int32_t* rgrp = &row_group[0] if n_rows > 0 else NULL
     cdef uint8_t* eb = &entry_bits[0] if entry_bits.shape[0] > 0 else NULL
     cdef const uint8_t* flags = &t.flags[0] if t.num_keys > 0 else NULL
     cdef const int8_t* dcl = &t.decl[0] if t.num_keys > 0 else NULL
+    cdef const int32_t* es_off = &t.es_off[0]
+    cdef const int32_t* es_vals = &t.es_vals[0] if t.es_vals.shape[0] > 0 else NULL
+    cdef const int32_t* ei_off = &t.ei_off[0]
+    cdef const int64_t* ei_vals = &t.ei_vals[0] if t.ei_vals.shape[0] > 0 else NULL
+    cdef const int32_t* rq_off = &t.rq_off[0]
+    cdef const int32_t* rq_kid = &t.rq_kid[0] if t.rq_kid.shape[0] > 0 else NULL
+    cdef const int8_t* rq_code = &t.rq_code[0] if t.rq_code.shape[0] > 0 else NULL
+    cdef const uint32_t* g_sig = &t.g_sig[0] if t.num_groups > 0 else NULL
     cdef const uint8_t* sb = &t.sbits[0]
     cdef int32_t* stp = &stamp[0]
     cdef const uint8_t* action = t.action
     cdef const int8_t* lvl8 = t.lvl8
     cdef const int8_t* viol8 = t.viol8
     with nogil:
+        memset(&hist[0][0], 0, sizeof(hist))
+        for kd in range(n_kd):
+            kid = kmap[kd]
+            kslot[kd] = kid if kid >= 0 else <int32_t>spare
+            for tag in range(8):
+                x = kd * 8 + tag
+                if kid < 0:
+                    kbits[x] = 0 if kid == KEY_IGNORED else b_missing
+                    kact[x] = K_IGNORE if kid == KEY_IGNORED else K_DONE
+                    continue
+                e = sb[kid]
+                act = action[dcl[kid] * 8 + tag]
+                if act == A_MISMATCH:
+                    e |= b_mismatch
+                    act = K_DONE
+                elif act == A_ARRAY:
+                    act = K_ARRAY
+                elif act == A_ENUM_STR:
+                    if flags[kid] & F_ENUM_STR:
+                        act = K_ENUM_STR
+                    else:
+                        e |= b_undef
+                        act = K_DONE
+                elif act == A_ENUM_INT:
+                    act = K_ENUM_INT
+                else:
+                    act = K_DONE
+                kbits[x] = e
+                kact[x] = act
+            if use_etab and kid >= 0 and kact[kd * 8 + ATTR_STRING] == K_ENUM_STR:
+                for si in range(n_str):
+                    vid = svid[si]
+                    etab[kd * n_str + si] = 0 if vid >= 0 and _has32(
+                        es_vals, es_off[kid], es_off[kid + 1], vid) else b_undef
+
         for r in range(n_rows):
             bits = 0
             lvl = 0
             viol = 0
-            j0 = offsets[r]
-            j1 = offsets[r + 1]
+            j0 = offs[r]
+            j1 = offs[r + 1]
             for j in range(j0, j1):
                 kd = kidx[j]
-                if kd < 0 or kd >= n_keys_dict:
-                    e = (1 << C_INVALID_VALUE) & en8
-                else:
+                tag = tg[j]
+                if kd < 0 or kd >= n_kd:
+                    e = b_invalid
+                elif tag < 0 or tag > ATTR_BYTES:
                     kid = kmap[kd]
+                    if kid == KEY_IGNORED:
+                        eb[j] = 0
+                        continue
                     if kid < 0:
-                        if kid == KEY_IGNORED:
-                            eb[j] = 0
-                            continue
-                        e = (1 << C_MISSING_ATTRIBUTE) & en8
+                        e = b_missing
                     else:
                         stp[kid] = <int32_t>r
-                        e = sb[kid]
-                        tag = tg[j]
-                        if tag < 0 or tag > ATTR_BYTES:
-                            e |= (1 << C_INVALID_VALUE) & en8
-                        else:
-                            d = dcl[kid]
-                            act = action[d * 8 + tag]
-                            if act == A_OK:
-                                pass
-                            elif act == A_MISMATCH:
-                                e |= (1 << C_TYPE_MISMATCH) & en8
-                            elif act == A_ARRAY:
-                                a0 = any_off[j]
-                                a1 = any_off[j + 1]
-                                if a0 < 0 or a1 < a0 or a1 > n_any:
-                                    st = 2
-                                else:
-                                    st = _type_status(d, tag, anyp + a0, a1 - a0)
-                                if st == 1:
-                                    e |= (1 << C_TYPE_MISMATCH) & en8
-                                elif st == 2:
-                                    e |= (1 << C_INVALID_VALUE) & en8
-                            elif act == A_ENUM_STR:
-                                fl = flags[kid]
-                                if fl & F_ENUM_STR:
-                                    si = str_idx[j]
-                                    if si < 0 or si >= n_str or (check_str and not _bit(
-                                            str_valid, str_voff + j)):
-                                        e |= (1 << C_INVALID_VALUE) & en8
-                                    elif premapped:
-                                        vid = str_vid[si]
-                                        if vid < 0 or not _has32(t.es_vals, t.es_off[kid],
-                                                                 t.es_off[kid + 1], vid):
-                                            e |= (1 << C_UNDEFINED_ENUM) & en8
-                                    else:
-                                        str_used[si] = 1
-                                        enum_pos[n_enum] = <int32_t>j
-                                        enum_row[n_enum] = <int32_t>r
-                                        n_enum += 1
-                                else:
-                                    e |= (1 << C_UNDEFINED_ENUM) & en8
-                            else:  # A_ENUM_INT
-                                fl = flags[kid]
-                                if check_int and not _bit(int_valid, int_voff + j):
-                                    e |= (1 << C_INVALID_VALUE) & en8
-                                elif not (fl & F_ENUM_INT) or not _has64(
-                                        t.ei_vals, t.ei_off[kid], t.ei_off[kid + 1], ints[j]):
-                                    e |= (1 << C_UNDEFINED_ENUM) & en8
+                        e = sb[kid] | b_invalid
+                else:
+                    x = kd * 8 + tag
+                    e = kbits[x]
+                    act = kact[x]
+                    kid = kmap[kd]
+                    # an unknown key stamps the spare slot: no branch on the key
+                    stp[kslot[kd]] = <int32_t>r
+                    if act != K_DONE:
+                        if act == K_ENUM_STR:
+                            si = sidx[j]
+                            if si < 0 or si >= n_str or (check_str and not _bit(
+                                    svalid, str_voff + j)):
+                                e |= b_invalid
+                            elif use_etab:
+                                e |= etab[kd * n_str + si]
+                            elif premapped:
+                                vid = svid[si]
+                                if vid < 0 or not _has32(es_vals, es_off[kid],
+                                                         es_off[kid + 1], vid):
+                                    e |= b_undef
+                            else:
+                                str_used[si] = 1
+                                enum_pos[n_enum] = <int32_t>j
+                                enum_row[n_enum] = <int32_t>r
+                                n_enum += 1
+                        elif act == K_ENUM_INT:
+                            if check_int and not _bit(ivalid, int_voff + j):
+                                e |= b_invalid
+                            elif not (flags[kid] & F_ENUM_INT) or not _has64(
+                                    ei_vals, ei_off[kid], ei_off[kid + 1], ivals[j]):
+                                e |= b_undef
+                        elif act == K_ARRAY:
+                            a0 = aoff[j]
+                            a1 = aoff[j + 1]
+                            if a0 < 0 or a1 < a0 or a1 > n_any:
+                                st = 2
+                            else:
+                                st = _type_status(dcl[kid], tag, anyp + a0, a1 - a0)
+                            if st == 1:
+                                e |= b_mismatch
+                            elif st == 2:
+                                e |= b_invalid
+                        else:  # K_IGNORE
+                            eb[j] = 0
+                            continue
                 eb[j] = e
-                if e:
-                    bits |= e
-                    if lvl8[e] > lvl:
-                        lvl = lvl8[e]
-                    viol += viol8[e]
-                    _count(e, counts)
-            g = row_group[r]
+                bits |= e
+                le = lvl8[e]
+                lvl = le if le > lvl else lvl
+                viol += viol8[e]
+                hist[j & 3][e] += 1
+            g = rgrp[r]
             if g >= 0 and g < t.num_groups:
-                gs = t.g_sig[g] & en
+                gs = g_sig[g] & en
                 if gs:
                     bits |= gs
-                    _count(gs, counts)
                     for c in range(N_CODE_SLOTS):
                         if gs & ((<uint32_t>1) << c):
+                            counts[c] += 1
                             lv = t.level_of[c]
                             if lv > lvl:
                                 lvl = <int8_t>lv
                             if lv == 3:
                                 viol += 1
-                for q in range(t.rq_off[g], t.rq_off[g + 1]):
-                    k = t.rq_kid[q]
+                for q in range(rq_off[g], rq_off[g + 1]):
+                    k = rq_kid[q]
                     if stp[k] != r:
-                        c = t.rq_code[q]
+                        c = rq_code[q]
                         if not (en & ((<uint32_t>1) << c)):
                             continue
                         miss_row[n_miss] = <int32_t>r
@@ -522,12 +618,16 @@ def check_attributes(RegistryTables t,
             row_bits[r] = bits
             row_level[r] = lvl
             row_viol[r] = viol
-            if viol:
-                n_invalid += 1
-                if keyed:
-                    rk = row_key[r]
-                    if rk >= 0 and rk < n_rkeys:
-                        key_viol[rk] += viol
+            n_invalid += viol != 0
+            if keyed:
+                rk = row_key[r]
+                if rk >= 0 and rk < n_rkeys:
+                    key_viol[rk] += viol
+        # The histogram of entry finding masks, per finding code.
+        for b in range(1, 256):
+            for c in range(8):
+                if b & (1 << c):
+                    counts[c] += hist[0][b] + hist[1][b] + hist[2][b] + hist[3][b]
     return n_enum, n_miss, n_invalid
 
 
@@ -547,13 +647,14 @@ def check_enum_strings(RegistryTables t, Py_ssize_t n_enum,
     if not (t.enabled & bit):
         return 0
     lv = t.level_of[C_UNDEFINED_ENUM]
+    cdef const int32_t* esv = &t.es_vals[0] if t.es_vals.shape[0] > 0 else NULL
     with nogil:
         for i in range(n_enum):
             j = enum_pos[i]
             r = enum_row[i]
             kid = key_map[key_idx[j]]
             vid = str_vid[str_idx[j]]
-            if vid >= 0 and _has32(t.es_vals, t.es_off[kid], t.es_off[kid + 1], vid):
+            if vid >= 0 and _has32(esv, t.es_off[kid], t.es_off[kid + 1], vid):
                 continue
             n_undef += 1
             entry_bits[j] |= bit

@@ -399,7 +399,7 @@ def _run_kernel(state: _State, offsets, key_idx, key_map, tags, str_idx, str_val
     miss_row = np.empty(max(cap, 1), dtype=np.int32)
     miss_kid = np.empty(max(cap, 1), dtype=np.int32)
     miss_code = np.empty(max(cap, 1), dtype=np.int8)
-    stamp = np.full(max(state.compiled.num_keys, 1), -1, dtype=np.int32)
+    stamp = np.full(state.compiled.num_keys + 1, -1, dtype=np.int32)   # + the spare slot
     if row_key is None:
         row_key = _EMPTY_I32
     key_viol = np.zeros(n_keys if row_key.size else 0, dtype=np.int64)
@@ -415,8 +415,13 @@ def _run_kernel(state: _State, offsets, key_idx, key_map, tags, str_idx, str_val
         _kernel.check_enum_strings(state.tables, n_enum, enum_pos, enum_row, key_idx, key_map,
                                    str_idx, str_vid, entry_bits, row_bits, row_level,
                                    row_viol, counts)
-    return (entry_bits, row_bits, row_level, row_viol, counts, miss_row[:n_miss].copy(),
-            miss_kid[:n_miss].copy(), miss_code[:n_miss].copy(), n_invalid, key_viol)
+    # Shrink the missing-requirement arrays to what the kernel wrote: realloc keeps the
+    # data in place (no copy of what can be millions of entries); nothing else holds
+    # a reference to them.
+    for arr in (miss_row, miss_kid, miss_code):
+        arr.resize(max(n_miss, 0), refcheck=False)
+    return (entry_bits, row_bits, row_level, row_viol, counts, miss_row, miss_kid, miss_code,
+            n_invalid, key_viol)
 
 
 # -- the per-event path: Python values into the same kernel --------------------------------

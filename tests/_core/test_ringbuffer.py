@@ -759,3 +759,103 @@ def test_evicted_batches_return_their_segments():
     assert ring.received == 50_000
     assert drops[DropReason.DROPPED_OLDEST] + ring.queued + ring.open_rows == 50_000
     assert ring.segments_allocated <= 15, ring.segments_allocated
+
+
+# -- the unlocked append path beside the locked one -------------------------------------
+
+
+class _StrSub(str):
+    pass
+
+
+def _mixed_span(thread: int, i: int) -> Span:
+    """Plain spans (exact str attributes: the unlocked path) interleaved with spans the
+    locked path must take (ints, floats, status messages, resource attributes, a str
+    subclass as service)."""
+    sid = thread * 1_000_000 + i
+    kind = i % 5
+    attrs: dict = {"http.route": f"/r{i % 7}", "t": str(thread)}
+    extra: dict = {}
+    if kind == 1:
+        attrs["n"] = i
+    elif kind == 2:
+        extra["status_message"] = f"m{i}"
+    elif kind == 3:
+        extra["resource_attributes"] = {"host": f"h{thread}"}
+    service = None if i % 2 else f"svc{thread}"
+    if kind == 4:
+        service = _StrSub(f"svc{thread}")
+        attrs["f"] = i / 4
+    return Span(f"op{i % 3}", trace_id=(sid << 64) | 5, span_id=sid, start_time_ns=sid,
+                duration_ns=i, attributes=attrs, service=service, **extra)
+
+
+def test_unlocked_and_locked_appends_from_many_threads_keep_every_row_intact():
+    threads, per_thread = 4, 3_000
+    ring = SpanRing(97, 1 << 20, int(BackpressureStrategy.BLOCK), 30.0, SERVICE)
+    batches: list[pa.RecordBatch] = []
+    done = threading.Event()
+
+    def consume():
+        while True:
+            ring.seal_if_due(0.0005)   # seals race with the producers' appends
+            item = ring.pop(timeout=0.001)
+            if item is not None:
+                batches.append(item[0])
+                ring.release(item[0].num_rows)
+            elif done.is_set() and ring.queued == 0 and ring.open_rows == 0:
+                return
+
+    def produce(t):
+        append = ring.append
+        for i in range(1, per_thread + 1):
+            assert append(_mixed_span(t, i))
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    producers = [threading.Thread(target=produce, args=(t,)) for t in range(threads)]
+    for p in producers:
+        p.start()
+    for p in producers:
+        p.join()
+    ring.seal()
+    done.set()
+    consumer.join(30)
+    assert not consumer.is_alive()
+    rows = [r for rb in batches for r in rb.to_pylist()]
+    assert len(rows) == threads * per_thread == ring.accepted
+    by_id = {int.from_bytes(r["span_id"], "big"): r for r in rows}
+    assert len(by_id) == len(rows), "a span was delivered twice"
+    for t in range(threads):
+        for i in range(1, per_thread + 1):
+            span = _mixed_span(t, i)
+            row = by_id[t * 1_000_000 + i]
+            assert_rows_match_row(row, span)
+
+
+def assert_rows_match_row(row: dict, span: Span) -> None:
+    assert row["trace_id"] == span.trace_id
+    assert row["name"] == span.name
+    assert row["service"] == (span.service or SERVICE)
+    assert (row["start_time_ns"], row["end_time_ns"]) == (span.start_time_ns,
+                                                          span.end_time_ns)
+    assert row["status_message"] == span.status_message
+    assert same(decode_attributes(row["attributes"]), span.attributes)
+    assert same(decode_attributes(row["resource_attributes"]),
+                span.resource_attributes or {})
+
+
+def test_mixed_appends_fill_and_seal_segments_in_order():
+    """Single producer: rows of either path land in order across segment boundaries
+    (the row that fills a segment always takes the locked path and seals it)."""
+    spans = [_mixed_span(0, i) for i in range(1, 400)]
+    ring = SpanRing(64, 4096, 0, 1.0, SERVICE)
+    for s in spans:
+        assert ring.append(s)
+    assert ring.queued == 64 * 6 and ring.open_rows == 399 - 64 * 6
+    ring.seal()
+    got = []
+    while (item := ring.pop()) is not None:
+        got.append(item[0])
+    assert [b.num_rows for b in got] == [64] * 6 + [15]
+    assert_rows_match(pa.Table.from_batches(got).combine_chunks().to_batches()[0], spans)

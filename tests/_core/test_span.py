@@ -9,6 +9,7 @@ its type intact (1, 1.0 and True stay different).
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import numpy as np
@@ -421,3 +422,91 @@ def test_service_defaults_to_the_resource_service_name():
     assert knhk.Span("a", trace_id=1, span_id=1, attributes=attrs).attributes == {"k": 1}
     with pytest.raises(TypeError, match="attributes must be a mapping"):
         knhk.Span("a", trace_id=1, span_id=1, attributes=[("k", 1)])
+
+
+# -- the fast constructor against Cython's generic one ----------------------------------
+
+_PARAMS = ["name", "trace_id", "span_id", "parent_span_id", "attributes", "duration_ns",
+           "status", "start_time_ns", "end_time_ns", "kind", "service", "events", "links",
+           "status_message", "trace_state", "flags", "resource_attributes", "scope_name",
+           "scope_version"]
+_ARG_VALUES = {
+    "name": st.sampled_from(["op", "", None, 3, b"op"]),
+    "trace_id": st.sampled_from([1, "0af7651916cd43dd8448eb211c80319c", bytes(16), 1.5]),
+    "span_id": st.sampled_from([2, b"\x00" * 7 + b"\x01", "zz", None]),
+    "parent_span_id": st.sampled_from([None, 3, "0000000000000000"]),
+    "attributes": st.sampled_from([None, {}, {"k": "v", "n": 1}, [("k", "v")], {1: 2}]),
+    "duration_ns": st.sampled_from([None, 5, -1, 2.5]),
+    "status": st.sampled_from([0, 2, knhk.SpanStatus.OK, 7, "x"]),
+    "start_time_ns": st.sampled_from([None, 10, 2**63, 1.0]),
+    "end_time_ns": st.sampled_from([None, 15, 0]),
+    "kind": st.sampled_from([1, 2, SpanKind.CLIENT, 9, None]),
+    "service": st.sampled_from([None, "svc", 1]),
+    "events": st.sampled_from([None, [], [SpanEvent("e", time_ns=1)], [{"name": "e"}], [1]]),
+    "links": st.sampled_from([None, [SpanLink(1, 1)], ["x"]]),
+    "status_message": st.sampled_from([None, "m", 1]),
+    "trace_state": st.sampled_from([None, "", "k=v", 2]),
+    "flags": st.sampled_from([0, 1, -1, 2**32]),
+    "resource_attributes": st.sampled_from([None, {"service.name": "r"}, 1]),
+    "scope_name": st.sampled_from([None, "lib", 1]),
+    "scope_version": st.sampled_from([None, "1.0"]),
+}
+
+
+def _outcome(make):
+    try:
+        return ("ok", make()._key())
+    except Exception as exc:   # the comparison is of the errors themselves
+        # (a span given no times starts "now": clock readings differ between calls)
+        return (type(exc), re.sub(r"\d{12,}", "<ns>", str(exc)))
+
+
+def _generic(*args, **kwargs):
+    # __new__ then __init__: Cython's own argument parsing, not the fast constructor
+    span = Span.__new__(Span)
+    span.__init__(*args, **kwargs)
+    return span
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_fast_constructor_matches_generic_construction(data):
+    n_pos = data.draw(st.integers(0, 4))
+    names = data.draw(st.lists(st.sampled_from(_PARAMS), unique=True, max_size=8))
+    args = [data.draw(_ARG_VALUES[p]) for p in _PARAMS[:n_pos]]
+    kwargs = {p: data.draw(_ARG_VALUES[p]) for p in names}
+    if data.draw(st.booleans()):
+        # a keyword spelled by a string that is equal to, not identical with, the name
+        kwargs = {"".join(list(k)) if k == "name" else k: v for k, v in kwargs.items()}
+    extra = data.draw(st.sampled_from([{}, {"bogus": 1}, {"trace_id": 5}]))
+    for k, v in extra.items():
+        kwargs.setdefault(k, v) if k != "trace_id" else kwargs.update({k: v})
+    fast = _outcome(lambda: Span(*args, **kwargs))
+    slow = _outcome(lambda: _generic(*args, **kwargs))
+    if fast[0] == "ok" == slow[0] and kwargs.get("start_time_ns") is None \
+            and kwargs.get("end_time_ns") is None:
+        # a span given neither time starts "now": compare durations, not the times
+        fast = ("ok", (*fast[1][:5], fast[1][6] - fast[1][5], *fast[1][7:]))
+        slow = ("ok", (*slow[1][:5], slow[1][6] - slow[1][5], *slow[1][7:]))
+    assert fast == slow
+
+
+def test_fast_constructor_errors_for_bad_calls_are_cythons():
+    with pytest.raises(TypeError, match="name"):
+        Span(None, trace_id=1, span_id=1)
+    with pytest.raises(TypeError, match="positional arguments"):
+        Span("op", trace_id=1)
+    with pytest.raises(TypeError, match="bogus"):
+        Span("op", trace_id=1, span_id=1, bogus=2)
+    with pytest.raises(TypeError, match="trace_id"):
+        Span("op", 1, 1, trace_id=1)
+    with pytest.raises(TypeError):
+        Span(*(["op", 1, 1] + [None] * 17))
+
+
+def test_subclass_keeps_the_generic_constructor():
+    class Sub(Span):
+        pass
+
+    s = Sub("op", trace_id=1, span_id=2, start_time_ns=1)
+    assert type(s) is Sub and s.span_id == (2).to_bytes(8, "big")

@@ -279,3 +279,40 @@ def test_string_dictionary_is_mapped_per_batch(small_registry, session_cache):
         [pa.ListArray.from_arrays(lists.offsets, struct, type=lists.type) if n == "attributes"
          else rb.column(n) for n in rb.schema.names], schema=rb.schema)
     assert v.validate_batch(shuffled).counts == {"undefined_enum_variant": 1}
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_kernel_with_a_large_premapped_string_dictionary(compiled, data):
+    """A premapped string dictionary too large for the per-batch (key, string) table:
+    enum strings are then looked up entry by entry; same findings as the reference."""
+    enum_keys = [k for k in range(compiled.num_keys)
+                 if compiled.flags[k] & C.F_ENUM_STR]
+    assert enum_keys, "the small registry has a string enum"
+    n_str = 5000                                  # above the table's 4096-cell floor
+    n = data.draw(st.integers(1, 30))
+    lens = data.draw(st.lists(st.integers(0, 4), min_size=n, max_size=n))
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    m = int(offsets[-1])
+    key_map = np.array([*enum_keys[:2], -1, 0], np.int32)
+    key_idx = np.array(data.draw(st.lists(st.integers(0, len(key_map) - 1), min_size=m,
+                                          max_size=m)), np.int32)
+    tags = np.array(data.draw(st.lists(st.sampled_from([1, 1, 3]), min_size=m, max_size=m)),
+                    np.int8)
+    str_idx = np.array(data.draw(st.lists(st.integers(0, n_str - 1), min_size=m, max_size=m)),
+                       np.int32)
+    vocab = max(len(compiled.enum_vocab), 1)
+    str_vid = np.random.default_rng(data.draw(st.integers(0, 9))).integers(
+        -1, vocab, n_str).astype(np.int32)
+    ints = np.zeros(m, np.int64)
+    any_off = np.zeros(m + 1, np.int32)
+    any_data = np.zeros(0, np.uint8)
+    row_group = np.full(n, -1, np.int32)
+    state = _State(compiled, (1 << C.N_CODES) - 1)
+    got = _run_kernel(state, offsets, key_idx, key_map, tags, str_idx, str_vid, ints, any_off,
+                      any_data, row_group, premap=True)
+    want = numpy_check_attributes(compiled, (1 << C.N_CODES) - 1, offsets, key_idx, key_map,
+                                  tags, str_idx, str_vid, ints, any_off, any_data, row_group,
+                                  np.zeros(0, np.int32), 0)
+    _compare(got, want)
