@@ -48,6 +48,20 @@ def median_rate(fn: Callable[[], tuple[int, float]], runs: int) -> tuple[float, 
     return statistics.median(rates), rates
 
 
+def paired_rates(fns: list[Callable[[], tuple[int, float]]], runs: int
+                 ) -> list[tuple[float, list[float]]]:
+    """Like :func:`median_rate` for several sides at once, their runs interleaved
+    (a, b, c, a, b, c, ...): load from outside then falls on every side alike, so
+    the ratios of the medians hold still on a shared machine."""
+    rates: list[list[float]] = [[] for _ in fns]
+    for _ in range(runs):
+        for i, fn in enumerate(fns):
+            gc.collect()
+            n, seconds = fn()
+            rates[i].append(n / seconds)
+    return [(statistics.median(r), r) for r in rates]
+
+
 def rss_bytes() -> int:
     with open(f"/proc/{os.getpid()}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _harness import Result, median_rate, rss_bytes
+from _harness import Result, median_rate, paired_rates, rss_bytes
 
 import knhk
 from knhk.exporters.base import Exporter, ExportResult
@@ -319,9 +319,10 @@ def scenarios(quick: bool = False) -> list[Result]:
     n = 200_000 if quick else 1_000_000
     results = []
 
-    k_rate, k_all = median_rate(lambda: knhk_record_span(n), runs)
-    o_rate, o_all = median_rate(lambda: otel_record_span(min(n, 100_000)), runs)
-    oi_rate, oi_all = median_rate(lambda: otel_record_span_idiomatic(min(n, 100_000)), runs)
+    # interleaved runs: the machine's other load falls on both sides alike
+    (k_rate, k_all), (o_rate, o_all), (oi_rate, oi_all) = paired_rates(
+        [lambda: knhk_record_span(n), lambda: otel_record_span(min(n, 100_000)),
+         lambda: otel_record_span_idiomatic(min(n, 100_000))], runs)
     results.append(Result(
         "record_span(Span(...)), 2 string attributes, into sealed batches", "spans/s",
         k_rate, o_rate,

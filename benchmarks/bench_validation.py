@@ -30,7 +30,7 @@ import pyarrow as pa
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import Result, median_rate
+from _harness import Result, median_rate, paired_rates
 
 import knhk
 from knhk.schema import ATTRIBUTE_STRUCT, ATTRIBUTES_TYPE
@@ -257,8 +257,9 @@ def scenarios(quick: bool = False) -> list[Result]:
         peer = PerSpanValidator(v.compiled)
         check_agreement(v, peer, peer_batch, peer_spans)
         v.validate_batch(batch)                                   # warm-up
-        k_rate, k_all = median_rate(lambda v=v: knhk_validate(v, batch), runs)
-        p_rate, p_all = median_rate(lambda p=peer: peer_validate(p, peer_spans), runs)
+        (k_rate, k_all), (p_rate, p_all) = paired_rates(  # interleaved: see _harness
+            [lambda v=v: knhk_validate(v, batch), lambda p=peer: peer_validate(p, peer_spans)],
+            runs)
         report = v.validate_batch(batch)
         results.append(Result(
             f"validate_batch, {n:,} spans x 6 attributes, {label}", "spans/s", k_rate, p_rate,
