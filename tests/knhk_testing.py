@@ -7,6 +7,8 @@ share one import name, so importing from them is order-dependent.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 
 import pyarrow as pa
 from pyarrow import ipc
@@ -40,3 +42,67 @@ def ipc_messages(path) -> list[tuple[str, int, int, int]]:
                 return out
             stop = f.tell()
             out.append((m.type, start, stop - (m.body.size if m.body else 0), stop))
+
+
+class PrometheusServer:
+    """A real Prometheus (Debian's ``/usr/bin/prometheus``) on loopback scraping one
+    target every second, for tests; ``query(promql)`` asks its HTTP API.
+
+    ``with PrometheusServer(tmp_path, target_port) as prom: prom.query("up")``
+    """
+
+    BINARY = shutil.which("prometheus") or "/usr/bin/prometheus"
+
+    def __init__(self, directory, target_port: int) -> None:
+        import subprocess
+
+        self.port = _free_port()
+        config = os.path.join(directory, "prometheus.yml")
+        with open(config, "w") as f:
+            f.write("global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
+                    "scrape_configs:\n  - job_name: knhk\n    static_configs:\n"
+                    f"      - targets: ['127.0.0.1:{target_port}']\n")
+        self._log = open(os.path.join(directory, "prometheus.log"), "wb")  # noqa: SIM115
+        self._proc = subprocess.Popen(
+            [self.BINARY, f"--config.file={config}",
+             f"--storage.tsdb.path={os.path.join(directory, 'data')}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+            stdout=self._log, stderr=subprocess.STDOUT)
+
+    def query(self, promql: str) -> list[dict]:
+        """The result vector of an instant query (asserts the API said success)."""
+        import json
+        import urllib.parse
+        import urllib.request
+
+        url = (f"http://127.0.0.1:{self.port}/api/v1/query?"
+               + urllib.parse.urlencode({"query": promql}))
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            body = json.load(resp)
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    def stop(self) -> None:
+        import subprocess
+
+        self._proc.terminate()
+        try:
+            self._proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(5)
+        self._log.close()
+
+    def __enter__(self) -> PrometheusServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

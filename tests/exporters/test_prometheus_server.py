@@ -2,71 +2,32 @@
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
-import socket
-import subprocess
 import time
-import urllib.parse
-import urllib.request
 
 import pytest
+from knhk_testing import PrometheusServer
 
 from knhk.exporters.prometheus import PrometheusExporter
 from knhk.workload import WorkloadConfig, generate
 
-PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 TRICKY = 'x"} 1\nfake_metric 1'
 DEADLINE_S = 20.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def prometheus(tmp_path):
-    """Start ``prometheus`` on loopback scraping ``targets`` every second; yields a
-    function ``start(target_port) -> query(promql)``; stopped at teardown."""
-    procs: list[subprocess.Popen] = []
+    """``start(target_port) -> query(promql)``: a real Prometheus scraping knhk every
+    second, stopped at teardown."""
+    servers: list[PrometheusServer] = []
 
     def start(target_port: int):
-        port = free_port()
-        config = tmp_path / "prometheus.yml"
-        config.write_text(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
-            "scrape_configs:\n  - job_name: knhk\n    static_configs:\n"
-            f"      - targets: ['127.0.0.1:{target_port}']\n")
-        log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - closed at teardown
-        proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=log, stderr=subprocess.STDOUT)
-        proc.log = log
-        procs.append(proc)
-
-        def query(promql: str) -> list[dict]:
-            url = (f"http://127.0.0.1:{port}/api/v1/query?"
-                   + urllib.parse.urlencode({"query": promql}))
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                body = json.load(resp)
-            assert body["status"] == "success", body
-            return body["data"]["result"]
-
-        return query
+        servers.append(PrometheusServer(tmp_path, target_port))
+        return servers[-1].query
 
     yield start
-    for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        proc.log.close()
+    for server in servers:
+        server.stop()
 
 
 def poll(query, promql: str, ready) -> list[dict]:

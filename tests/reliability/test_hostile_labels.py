@@ -17,7 +17,6 @@ as U+FFFD (the documented sanitised form), nothing else.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -27,6 +26,7 @@ import urllib.request
 
 import grpc
 import pytest
+from knhk_testing import PrometheusServer
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2
@@ -37,7 +37,6 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from knhk.testbed import ScenarioResult
 from knhk.testbed.serve import ServeProcess, free_port
 
-PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 TRACES = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 METRICS = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
@@ -118,43 +117,17 @@ def _poll(fn, ready, deadline_s: float = DEADLINE_S):
 
 @pytest.fixture
 def prometheus(tmp_path):
-    """``start(target_port) -> query(promql)``: a real Prometheus scraping knhk every second."""
-    procs: list[subprocess.Popen] = []
+    """``start(target_port) -> query(promql)``: a real Prometheus scraping knhk every
+    second, stopped at teardown."""
+    servers: list[PrometheusServer] = []
 
     def start(target_port: int):
-        port = free_port()
-        config = tmp_path / "prometheus.yml"
-        config.write_text(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
-            "scrape_configs:\n  - job_name: knhk\n    static_configs:\n"
-            f"      - targets: ['127.0.0.1:{target_port}']\n")
-        log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - closed at teardown
-        proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=log, stderr=subprocess.STDOUT)
-        proc.log = log
-        procs.append(proc)
-
-        def query(promql: str) -> list[dict]:
-            url = (f"http://127.0.0.1:{port}/api/v1/query?"
-                   + urllib.parse.urlencode({"query": promql}))
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                body = json.load(resp)
-            assert body["status"] == "success", body
-            return body["data"]["result"]
-
-        return query
+        servers.append(PrometheusServer(tmp_path, target_port))
+        return servers[-1].query
 
     yield start
-    for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        proc.log.close()
+    for server in servers:
+        server.stop()
 
 
 def _serve_config(prom_port: int) -> dict:
