@@ -6,6 +6,7 @@ share one import name, so importing from them is order-dependent.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -106,3 +107,34 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# -- the load balancer's routing, in plain Python (independent of the NumPy router) -----
+
+M64 = (1 << 64) - 1
+
+
+def ref_mix(x: int) -> int:
+    """SplitMix64's finalizer on a Python int."""
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & M64
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & M64
+    return x ^ (x >> 31)
+
+
+def ref_digest(data: bytes) -> int:
+    """BLAKE2b-64 of ``data`` as a big-endian int."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def ref_trace_key(trace_id: bytes) -> int:
+    hi, lo = int.from_bytes(trace_id[:8], "big"), int.from_bytes(trace_id[8:], "big")
+    return ref_mix(hi ^ ref_mix(lo))
+
+
+def ref_endpoint(key: int, endpoints: list[str]) -> str:
+    """The endpoint with the highest ``mix(key ^ seed)``; ties to the first in sorted order."""
+    ordered = sorted(set(endpoints))
+    scores = [ref_mix(key ^ ref_digest(e.encode())) for e in ordered]
+    return ordered[scores.index(max(scores))]

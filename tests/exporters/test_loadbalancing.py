@@ -3,7 +3,6 @@ re-routing, resolvers, membership changes and drains, counters, and real OTLP pe
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -14,6 +13,7 @@ import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from knhk_testing import ref_digest, ref_endpoint, ref_trace_key
 
 import knhk
 from knhk.exporters._retry import RetryConfig
@@ -33,34 +33,6 @@ from knhk.exporters.memory import InMemoryExporter
 from knhk.exporters.otlp import OtlpConfig
 from knhk.receivers import OtlpGrpcReceiver, OtlpHttpReceiver
 from knhk.workload import WorkloadConfig, generate
-
-# -- the plain-Python reference of the same hash ----------------------------------------
-
-M64 = (1 << 64) - 1
-
-
-def ref_mix(x: int) -> int:
-    x ^= x >> 30
-    x = (x * 0xBF58476D1CE4E5B9) & M64
-    x ^= x >> 27
-    x = (x * 0x94D049BB133111EB) & M64
-    return x ^ (x >> 31)
-
-
-def ref_digest(data: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
-
-
-def ref_trace_key(trace_id: bytes) -> int:
-    hi, lo = int.from_bytes(trace_id[:8], "big"), int.from_bytes(trace_id[8:], "big")
-    return ref_mix(hi ^ ref_mix(lo))
-
-
-def ref_endpoint(key: int, endpoints: list[str]) -> str:
-    """The endpoint with the highest ``mix(key ^ seed)``; ties to the first in sorted order."""
-    ordered = sorted(set(endpoints))
-    scores = [ref_mix(key ^ ref_digest(e.encode())) for e in ordered]
-    return ordered[scores.index(max(scores))]
 
 
 def ids_of(batch) -> list[bytes]:

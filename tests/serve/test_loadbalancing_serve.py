@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 import urllib.request
 
 import pytest
+from knhk_testing import ref_endpoint, ref_trace_key
 from serve_testing import ServeProcess, id_pairs, recorded_spans, sdk_send
 
 from knhk.exporters.loadbalancing import LoadBalancingExporter
@@ -18,28 +18,8 @@ from knhk.serve.config import ConfigError, load_config, parse_config
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
 
-# -- the routing reference (plain Python, independent of the vectorized router) ----------
-
-M64 = (1 << 64) - 1
-
-
-def _mix(x: int) -> int:
-    x ^= x >> 30
-    x = (x * 0xBF58476D1CE4E5B9) & M64
-    x ^= x >> 27
-    x = (x * 0x94D049BB133111EB) & M64
-    return x ^ (x >> 31)
-
-
-def _digest(data: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
-
-
 def expected_endpoint(trace_id: bytes, endpoints: list[str]) -> str:
-    key = _mix(int.from_bytes(trace_id[:8], "big") ^ _mix(int.from_bytes(trace_id[8:], "big")))
-    ordered = sorted(endpoints)
-    scores = [_mix(key ^ _digest(e.encode())) for e in ordered]
-    return ordered[scores.index(max(scores))]
+    return ref_endpoint(ref_trace_key(trace_id), endpoints)
 
 
 # -- configuration ---------------------------------------------------------------------
