@@ -20,12 +20,28 @@ from collections.abc import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["CRC_KEY", "DICT_KEY", "batch_crc", "dictionary_at", "dictionary_paths", "format_deltas",
-           "has_dictionary", "map_dictionaries", "parse_deltas", "update_crc"]
+__all__ = ["CRC_KEY", "DICT_KEY", "batch_crc", "dictionary_at", "dictionary_paths", "file_schema",
+           "format_deltas", "has_dictionary", "map_dictionaries", "parse_deltas", "update_crc"]
 
 #: Custom-metadata keys of each record batch written here.
 CRC_KEY = b"knhk.crc32"
 DICT_KEY = b"knhk.dict"
+
+
+def file_schema(path: str) -> pa.Schema:
+    """The schema of an Arrow IPC file, or of an IPC stream (a recording whose writer
+    never wrote the footer); only the head of the file is read.
+
+    Raises ``pyarrow.ArrowException`` or ``OSError`` when neither can be read.
+    """
+    from pyarrow import ipc
+
+    with pa.memory_map(path) as source:
+        try:
+            return ipc.open_file(source).schema
+        except (pa.ArrowException, OSError):
+            source.seek(0)
+            return ipc.open_stream(source).schema
 
 
 # -- dictionary-encoded fields, nested ones included ---------------------------------

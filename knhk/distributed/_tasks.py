@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from knhk._ipc_format import file_schema
 from knhk.batch import SpanBatch
 from knhk.schema import SPAN_SCHEMA
 from knhk.stream.windows import WindowConfig
@@ -172,18 +173,12 @@ def _nbytes(table: pa.Table) -> int:
 
 def file_info(path: str) -> dict[str, Any]:
     """What a file declares: its knhk schema version and signal (read from the schema only)."""
-    import pyarrow.ipc as ipc
 
     info: dict[str, Any] = {"path": path, "bytes": None, "schema": None, "signal": None,
                             "error": None}
     try:
         info["bytes"] = os.path.getsize(path)
-        with pa.memory_map(path) as source:
-            try:
-                schema = ipc.open_file(source).schema
-            except (pa.ArrowException, OSError):
-                source.seek(0)
-                schema = ipc.open_stream(source).schema
+        schema = file_schema(path)
     except (pa.ArrowException, OSError) as exc:
         # read_file names the byte offset of the damage; here it is only noted
         info["error"] = f"{type(exc).__name__}: {exc}"
