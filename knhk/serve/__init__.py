@@ -55,6 +55,7 @@ exporters
     for this long stop being exposed, default 5m, 0 keeps them);
     ``jaeger`` (``endpoint`` of the agent, UDP); ``file`` — Arrow IPC files:
     ``path``, ``prefix``, ``compression`` (``lz4``/``zstd``/``none``),
+    ``compression_level`` (more CPU, fewer bytes: lz4 level 3 writes ~12% less),
     ``rotation: {max_megabytes, max_age}``; ``debug`` (``verbosity``);
     ``loadbalancing`` — routes each span by a consistent (rendezvous) hash of
     ``routing_key`` (``traceID``, ``service``; ``metric`` in metrics

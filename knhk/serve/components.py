@@ -595,11 +595,16 @@ def _exporter(eid: str, body: Mapping[str, Any], pid: str, built: Built) -> Any:
         path = _check_writable(body.get("path", "./knhk-data"), f"{where}.path")
         rotation = body.get("rotation") or {}
         compression = body.get("compression", "lz4")
-        exporter = IpcExporter(
-            path, prefix=body.get("prefix", "knhk"),
-            compression=None if compression == "none" else compression,
-            max_bytes=int(rotation.get("max_megabytes", 256)) << 20,
-            max_seconds=parse_duration(rotation["max_age"]) if "max_age" in rotation else None)
+        try:
+            exporter = IpcExporter(
+                path, prefix=body.get("prefix", "knhk"),
+                compression=None if compression == "none" else compression,
+                compression_level=body.get("compression_level"),
+                max_bytes=int(rotation.get("max_megabytes", 256)) << 20,
+                max_seconds=parse_duration(rotation["max_age"]) if "max_age" in rotation
+                else None)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
         built.writing.append((f"{pid} {eid}", f"Arrow IPC files ({compression}) in {path}"))
         return exporter
     if ctype == "debug":

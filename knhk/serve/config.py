@@ -232,6 +232,7 @@ EXPORTERS: dict[str, dict[str, Any]] = {
                    "duration_buckets_ms": _list_of(NUM), "metric_expiration": DURATION},
     "jaeger": {"endpoint": ENDPOINT},
     "file": {"path": STR, "prefix": STR, "compression": _one_of("lz4", "zstd", "none"),
+             "compression_level": INT,
              "rotation": {"max_megabytes": POS_INT, "max_age": DURATION}},
     "debug": {"verbosity": _one_of("basic", "normal", "detailed")},
 }

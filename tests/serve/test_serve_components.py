@@ -339,3 +339,18 @@ def test_fan_out_takes_a_request_only_when_the_first_pipeline_does():
     assert router.try_record_batch(batch) is None
     assert side.shutdown()
     assert sum(b.num_rows for b in side_sink.batches) == 100
+
+
+def test_file_exporter_compression_level(tmp_path):
+    cfg = _config(tmp_path)
+    cfg["exporters"]["file/t"]["compression_level"] = 6
+    validate_config(cfg)
+    built = build(cfg)
+    try:
+        [ipc] = [w.exporter for w in built.pipelines["traces"]._workers]
+        assert (ipc.compression, ipc.compression_level) == ("lz4", 6)
+    finally:
+        built.shutdown(5.0)
+    cfg["exporters"]["file/t"].update(compression="none")
+    with pytest.raises(ConfigError, match=r"exporters\.file/t: compression_level needs"):
+        build(cfg)
