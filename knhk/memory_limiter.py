@@ -265,7 +265,6 @@ class MemoryLimiter:
         with self._lock:
             if now < self._next_check:
                 return self._state
-            self._next_check = now + self.check_interval
             rss = self._rss()
             if rss > self.hard_limit and now >= self._next_gc:
                 # at most once per MIN_GC_INTERVAL: with a short check_interval and memory
@@ -293,6 +292,9 @@ class MemoryLimiter:
             self._state = state
             self.last_rss = rss
             self.peak_rss = max(self.peak_rss, rss)
+            # only now: a caller on the unlocked fast path must not take the old state
+            # for the new one while this check is still reading memory
+            self._next_check = now + self.check_interval
             return state
 
     def admit(self) -> bool:

@@ -106,3 +106,27 @@ def test_receivers_refuse_retryably_above_the_soft_limit_and_recover():
         _common.set_memory_limiter(pipeline, None)
         assert _common.memory_limiter_of(pipeline) is None
     assert sum(b.num_rows for b in sink.batches) == 10
+
+
+def test_no_request_slips_in_while_the_first_reading_is_in_progress():
+    """Requests arriving while another thread reads memory wait for that reading: the
+    unlocked fast path used to hand them the state from before it ("ok")."""
+    import threading
+    import time
+
+    def slow_rss() -> int:
+        time.sleep(0.002)
+        return 100 << 20
+
+    admitted = 0
+    for _ in range(50):
+        limiter = MemoryLimiter(1, 2, check_interval=0.01, rss=slow_rss)
+        results: list[bool] = []
+        threads = [threading.Thread(target=lambda: results.append(limiter.admit()))
+                   for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        admitted += sum(results)
+    assert admitted == 0
