@@ -227,10 +227,15 @@ class LoadBalancingExporter(Exporter):
         self.metric_routing_key = metric_routing_key
         self.drain_timeout = float(drain_timeout)
         self._factory = exporter_factory or otlp_exporter_factory(protocol)
-        # _route_lock: held while a batch is routed and handed over, and for the swap
-        # of the table, so an endpoint that leaves has every batch it will ever get
-        # before its drain starts; _change_lock serializes membership changes
+        # _route_lock: held while a batch picks its table (counted in _inflight until
+        # it has handed its parts over) and for the swap of the table; an endpoint that
+        # leaves drains only once no batch still holds the old table, so it has every
+        # batch it will ever get; the export itself runs unlocked, so a slow (e.g.
+        # synchronous) endpoint never holds up membership changes or shutdown.
+        # _change_lock serializes membership changes
         self._route_lock = threading.Lock()
+        self._handed_over = threading.Condition(self._route_lock)
+        self._inflight: Counter[int] = Counter()  # id(table) -> batches being handed over
         self._change_lock = threading.Lock()
         self._lock = threading.RLock()  # counters
         self._members = _Members((), np.zeros(0, dtype=np.uint64), ())
@@ -313,20 +318,24 @@ class LoadBalancingExporter(Exporter):
                         extra={"knhk": {"exporter": self.name, "endpoints": list(new),
                                         "added": added, "removed": removed}})
             for ep in removed:
-                self._retire(ep, have[ep])
+                self._retire(ep, have[ep], cur)
         return True
 
-    def _retire(self, endpoint: str, exporter: Any) -> None:
-        t = threading.Thread(target=self._drain, args=(endpoint, exporter),
+    def _retire(self, endpoint: str, exporter: Any, table: _Members) -> None:
+        t = threading.Thread(target=self._drain, args=(endpoint, exporter, None, table),
                              name="knhk-lb-drain", daemon=True)
         self._drain_threads = [d for d in self._drain_threads if d.is_alive()] + [t]
         t.start()
 
-    def _drain(self, endpoint: str, exporter: Any, timeout: float | None = None) -> None:
+    def _drain(self, endpoint: str, exporter: Any, timeout: float | None = None,
+               table: _Members | None = None) -> None:
         timeout = self.drain_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         try:
-            if not exporter.force_flush(timeout):
+            if table is not None and not self._wait_handed_over(table, deadline):
+                logger.warning("%s: a batch was still being handed to %s after %.1f s",
+                               self.name, endpoint, timeout)
+            if not exporter.force_flush(max(0.0, deadline - time.monotonic())):
                 logger.warning("%s: endpoint %s did not drain within %.1f s; the rest is "
                                "counted as failed", self.name, endpoint, timeout)
             exporter.shutdown(max(0.05, deadline - time.monotonic()))
@@ -402,39 +411,61 @@ class LoadBalancingExporter(Exporter):
             m = self._members
             if not m.endpoints:
                 return self._fail("no_endpoints", n, metrics)
-            winner = rendezvous_assign(keys, m.seeds)
-            counts = np.bincount(winner, minlength=len(m.endpoints))
-            grouped = batch
-            if np.count_nonzero(counts) > 1:
-                # one gather into endpoint order (stable: rows keep their order within an
-                # endpoint), then zero-copy slices: cheaper than one take per endpoint
-                rows = pa.array(np.argsort(winner, kind="stable"))
-                grouped = (MetricBatch(batch.record_batch.take(rows)) if metrics
-                           else batch.take(rows))
-            ok = True
-            start = 0
-            routed = []
-            for j, count in enumerate(counts.tolist()):
-                if not count:
-                    continue
-                part = grouped if count == n else (
-                    MetricBatch(grouped.record_batch.slice(start, count)) if metrics
-                    else grouped.slice(start, count))
-                start += count
-                routed.append((m.endpoints[j], count))
-                try:
-                    result = m.exporters[j].export(part)
-                except Exception:
-                    logger.exception("%s: the exporter of %s raised", self.name,
-                                     m.endpoints[j])
-                    self._fail("internal_error", count, metrics)
-                    result = ExportResult.FAILURE
-                ok = ok and result is ExportResult.SUCCESS
+            self._inflight[id(m)] += 1
+        try:
+            ok, routed = self._hand_over(batch, keys, m, metrics)
+        finally:
+            with self._route_lock:
+                self._inflight[id(m)] -= 1
+                if not self._inflight[id(m)]:
+                    del self._inflight[id(m)]
+                    self._handed_over.notify_all()
         with self._lock:
             target = self._routed_points if metrics else self._routed
             for ep, count in routed:
                 target[ep] += count
         return ExportResult.SUCCESS if ok else ExportResult.FAILURE
+
+    def _hand_over(self, batch: Any, keys: np.ndarray, m: _Members, metrics: bool
+                   ) -> tuple[bool, list[tuple[str, int]]]:
+        """Split ``batch`` over table ``m`` and export each part; (all accepted, counts)."""
+        n = batch.num_rows
+        winner = rendezvous_assign(keys, m.seeds)
+        counts = np.bincount(winner, minlength=len(m.endpoints))
+        grouped = batch
+        if np.count_nonzero(counts) > 1:
+            # one gather into endpoint order (stable: rows keep their order within an
+            # endpoint), then zero-copy slices: cheaper than one take per endpoint
+            rows = pa.array(np.argsort(winner, kind="stable"))
+            grouped = (MetricBatch(batch.record_batch.take(rows)) if metrics
+                       else batch.take(rows))
+        ok = True
+        start = 0
+        routed = []
+        for j, count in enumerate(counts.tolist()):
+            if not count:
+                continue
+            part = grouped if count == n else (
+                MetricBatch(grouped.record_batch.slice(start, count)) if metrics
+                else grouped.slice(start, count))
+            start += count
+            routed.append((m.endpoints[j], count))
+            try:
+                result = m.exporters[j].export(part)
+            except Exception:
+                logger.exception("%s: the exporter of %s raised", self.name,
+                                 m.endpoints[j])
+                self._fail("internal_error", count, metrics)
+                result = ExportResult.FAILURE
+            ok = ok and result is ExportResult.SUCCESS
+        return ok, routed
+
+    def _wait_handed_over(self, table: _Members, deadline: float) -> bool:
+        """Wait until no batch is still handing parts to ``table``'s exporters."""
+        with self._handed_over:
+            return self._handed_over.wait_for(
+                lambda: not self._inflight[id(table)],
+                max(0.0, deadline - time.monotonic()))
 
     # -- counters ------------------------------------------------------------------
 
@@ -572,7 +603,7 @@ class LoadBalancingExporter(Exporter):
         with self._lock:
             for ep, ex in zip(m.endpoints, m.exporters, strict=True):
                 self._draining[id(ex)] = (ep, ex)
-        threads = [threading.Thread(target=self._drain, args=(ep, ex, timeout),
+        threads = [threading.Thread(target=self._drain, args=(ep, ex, timeout, m),
                                     name="knhk-lb-shutdown", daemon=True)
                    for ep, ex in zip(m.endpoints, m.exporters, strict=True)]
         for t in threads:

@@ -587,3 +587,28 @@ def test_a_hanging_dns_lookup_does_not_pile_up_threads(monkeypatch):
     release.set()
     r._pending.join(5)
     assert "127.0.0.1:4317" in r.resolve()
+
+
+def test_a_synchronous_endpoint_retrying_does_not_block_changes_or_shutdown():
+    """Endpoints that send on the caller's thread (serve's sending_queue.enabled: false)
+    retry inside export(): removing the dead one and shutting down must not wait for it."""
+    import threading
+
+    proto = OtlpConfig(protocol="grpc", insecure=True, timeout=0.5, synchronous=True,
+                       retry=RetryConfig(initial_interval=0.2, max_interval=0.5,
+                                         max_elapsed_time=6.0))
+    lb = LoadBalancingExporter(["127.0.0.1:1"], protocol=proto)  # nothing listens on 1
+    batch = generate(50, WorkloadConfig(seed=1))
+    done = []
+    sender = threading.Thread(target=lambda: done.append(lb.export(batch)))
+    sender.start()
+    time.sleep(0.4)  # the export is retrying now
+    began = time.monotonic()
+    assert lb.set_endpoints(["127.0.0.1:2"])
+    assert time.monotonic() - began < 1.0
+    began = time.monotonic()
+    lb.shutdown(1.0)
+    assert time.monotonic() - began < 2.0
+    sender.join(10)
+    assert done == [knhk.ExportResult.FAILURE]
+    assert lb.stats()["spans_failed"] == 50  # counted once, by the endpoint that had them
