@@ -127,6 +127,10 @@ cdef class _Interner:
         if p is not NULL:
             i = <int32_t><object>p
         else:
+            if type(s) is not str:
+                # only exact str keys: a str subclass's Python-level __eq__ would run
+                # inside the unlocked append's lookups (see SpanRing's locking notes)
+                s = str.__str__(s)
             i = <int32_t>len(self.values)
             self.values.append(s)
             PyDict_SetItem(self.index, s, i)
@@ -147,13 +151,20 @@ cdef Py_ssize_t _DICT_CACHE_VALUES = 64
 cdef Py_ssize_t _DICT_CACHE_ENTRIES = 256
 
 
+cdef Py_ssize_t _DICT_CACHE_VALUE_CHARS = 256  # longer values are not worth keeping
+
+
 cdef object _string_array(list values):
+    cdef object v
     if len(values) > _DICT_CACHE_VALUES:
         return pa.array(values, type=pa.string())
     key = tuple(values)
     arr = _DICTIONARIES.get(key)
     if arr is None:
         arr = pa.array(values, type=pa.string())
+        for v in values:  # bounded in bytes too: long values (SQL text, ...) stay out
+            if len(<str>v) > _DICT_CACHE_VALUE_CHARS:
+                return arr
         if len(_DICTIONARIES) >= _DICT_CACHE_ENTRIES:
             _DICTIONARIES.clear()
         _DICTIONARIES[key] = arr

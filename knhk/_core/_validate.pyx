@@ -438,15 +438,21 @@ def check_attributes(RegistryTables t,
     cdef uint8_t* kbits = <uint8_t*><char*>kbits_arr
     cdef uint8_t* kact = <uint8_t*><char*>kact_arr
     cdef uint8_t* etab = NULL
+    cdef int32_t* erow = NULL   # key id in the dictionary -> its row of etab (enum keys)
+    cdef int32_t[::1] erow_view
     cdef Py_ssize_t n_enum_kd = 0
+    cdef Py_ssize_t n_erows = 0
     for kd in range(n_kd):
         kid = key_map[kd]
         if kid >= 0 and t.decl[kid] == T_ENUM and (t.flags[kid] & F_ENUM_STR):
             n_enum_kd += 1
     if premapped and n_enum_kd and n_enum_kd * n_str <= ETAB_CELLS_PER_ENTRY * max(
             key_idx.shape[0], 4096):
-        etab_arr = bytearray(n_kd * n_str)
+        # rows for the enum keys only: a batch with many other keys costs nothing here
+        etab_arr = bytearray(n_enum_kd * n_str)
         etab = <uint8_t*><char*>etab_arr
+        erow_view = np.full(n_kd, -1, np.int32)
+        erow = &erow_view[0]
         use_etab = True
 
     cdef const uint8_t* anyp = &any_data[0] if n_any > 0 else NULL
@@ -508,10 +514,15 @@ def check_attributes(RegistryTables t,
                 kbits[x] = e
                 kact[x] = act
             if use_etab and kid >= 0 and kact[kd * 8 + ATTR_STRING] == K_ENUM_STR:
-                for si in range(n_str):
-                    vid = svid[si]
-                    etab[kd * n_str + si] = 0 if vid >= 0 and _has32(
-                        es_vals, es_off[kid], es_off[kid + 1], vid) else b_undef
+                if n_erows == n_enum_kd:  # cannot happen (same test as the count)
+                    use_etab = False
+                else:
+                    erow[kd] = <int32_t>n_erows
+                    n_erows += 1
+                    for si in range(n_str):
+                        vid = svid[si]
+                        etab[erow[kd] * n_str + si] = 0 if vid >= 0 and _has32(
+                            es_vals, es_off[kid], es_off[kid + 1], vid) else b_undef
 
         for r in range(n_rows):
             bits = 0
@@ -548,7 +559,7 @@ def check_attributes(RegistryTables t,
                                     svalid, str_voff + j)):
                                 e |= b_invalid
                             elif use_etab:
-                                e |= etab[kd * n_str + si]
+                                e |= etab[erow[kd] * n_str + si]
                             elif premapped:
                                 vid = svid[si]
                                 if vid < 0 or not _has32(es_vals, es_off[kid],

@@ -859,3 +859,50 @@ def test_mixed_appends_fill_and_seal_segments_in_order():
         got.append(item[0])
     assert [b.num_rows for b in got] == [64] * 6 + [15]
     assert_rows_match(pa.Table.from_batches(got).combine_chunks().to_batches()[0], spans)
+
+
+def test_a_str_subclass_never_runs_inside_the_unlocked_append():
+    """A service given as a str subclass is interned as a plain str: a later plain span
+    of the same service must not call the subclass's __eq__ half way through its row
+    (which here records another span, and used to overwrite the row)."""
+    tid = bytes(range(16))
+    ring = SpanRing(64, 256)
+    calls = []
+
+    class Name(str):
+        __hash__ = str.__hash__
+
+        def __eq__(self, other):
+            calls.append(other)
+            ring.append(Span("inner", tid, b"\x00" * 7 + b"\x03"))
+            return str.__eq__(self, other)
+
+    ring.append(Span("a", tid, b"\x00" * 7 + b"\x01", service=Name("svc")))
+    ring.append(Span("op", tid, b"\x00" * 7 + b"\x02", service="svc"))
+    ring.seal()
+    rb, _ = ring.pop()
+    assert calls == []
+    assert rb.column("name").to_pylist() == ["a", "op"]
+    assert [s[-1] for s in rb.column("span_id").to_pylist()] == [1, 2]
+    assert rb.column("service").to_pylist() == ["svc", "svc"]
+    assert ring.accepted == rb.num_rows == 2
+
+
+def test_long_dictionary_values_are_not_kept_after_their_batches():
+    import gc
+    import tracemalloc
+
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for k in range(50):
+        ring = SpanRing(60, 600)
+        for i in range(60):
+            ring.append(Span("q", bytes(range(16)), (k * 60 + i + 1).to_bytes(8, "big"),
+                             attributes={"db.statement": f"{k}-{i}-" + "x" * 16_000}))
+        ring.seal()
+        ring.pop()
+        del ring
+    gc.collect()
+    left = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert left < 5 << 20, left  # 50 x 60 x 16 KB = 48 MB were recorded

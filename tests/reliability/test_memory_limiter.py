@@ -122,7 +122,7 @@ def test_no_request_slips_in_while_the_first_reading_is_in_progress():
     for _ in range(50):
         limiter = MemoryLimiter(1, 2, check_interval=0.01, rss=slow_rss)
         results: list[bool] = []
-        threads = [threading.Thread(target=lambda: results.append(limiter.admit()))
+        threads = [threading.Thread(target=lambda r=results, lim=limiter: r.append(lim.admit()))
                    for _ in range(4)]
         for t in threads:
             t.start()
