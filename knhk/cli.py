@@ -186,8 +186,10 @@ class _OtlpSink:
         self.label = f"{endpoint} (OTLP {protocol})"
         self.exporter = OtlpExporter(OtlpConfig(
             endpoint=target, protocol=protocol, insecure=True, queue_size=64, consumers=2,
+            # 0 s: send once (a RetryConfig's max_elapsed_time of 0 means retry forever)
             retry=RetryConfig(initial_interval=min(0.2, retry_for / 4), max_interval=2.0,
-                              max_elapsed_time=retry_for)))
+                              max_elapsed_time=retry_for) if retry_for > 0
+            else RetryConfig(enabled=False)))
         self.submitted = 0
 
     def write(self, batch: Any) -> None:
@@ -747,7 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--otlp-protocol", choices=["grpc", "http/protobuf", "http/json"],
                    default="grpc")
     p.add_argument("--otlp-retry-for", type=float, default=30.0, metavar="SECONDS",
-                   help="how long a refused or failed request is retried before giving up")
+                   help="how long a refused or failed request is retried before giving up "
+                        "(0: sent once)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--services", type=int, default=8)
     p.add_argument("--error-rate", type=float, default=0.01)

@@ -80,6 +80,9 @@ class RetryConfig:
                              f"got {self.randomization_factor!r}.")
         if not isinstance(self.multiplier, int | float) or self.multiplier < 1:
             raise ValueError(f"RetryConfig.multiplier must be >= 1, got {self.multiplier!r}.")
+        if self.enabled and self.initial_interval == 0:
+            raise ValueError("RetryConfig.initial_interval must be > 0 while retries are "
+                             "enabled (0 would retry in a busy loop).")
         if self.initial_interval > self.max_interval:
             raise ValueError(f"RetryConfig.initial_interval ({self.initial_interval!r}) must "
                              f"not exceed max_interval ({self.max_interval!r}).")
