@@ -524,7 +524,14 @@ class TelemetryPipeline:
         self._workers = []
         names: dict[str, int] = {}
         for exporter in config._exporters:
-            worker = ExporterWorker(exporter)
+            try:
+                worker = ExporterWorker(exporter)
+            except BaseException:
+                # (a persistent queue's directory in use, ...): the workers already
+                # started hold threads and directory locks; release them
+                for w in self._workers:
+                    w.close(time.monotonic() + 1.0)
+                raise
             seen = names.get(worker.name, 0)
             names[worker.name] = seen + 1
             if seen:

@@ -186,3 +186,24 @@ def test_a_queue_directory_is_locked_while_in_use(tmp_path):
     q = PersistentQueue(tmp_path)  # released by the shutdown
     assert q.replay() == []
     q.close()
+
+
+def test_a_failed_build_releases_the_queues_it_already_opened(tmp_path):
+    import threading
+
+    from knhk.exporters._persistent_queue import PersistentQueue
+
+    first, busy = tmp_path / "first", tmp_path / "busy"
+    holder = PersistentQueue(str(busy))  # another queue holds this directory
+    a, b = knhk.InMemoryExporter(), knhk.InMemoryExporter()
+    b.name = "b"
+    try:
+        with pytest.raises(OSError, match="in use"):
+            (knhk.TelemetryPipeline.builder().with_exporter(a, persistent_queue=first)
+             .with_exporter(b, persistent_queue=busy).build())
+    finally:
+        holder.close()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("knhk-export")]
+    p = (knhk.TelemetryPipeline.builder().with_exporter(a, persistent_queue=first)
+         .with_exporter(b, persistent_queue=busy).build())  # the first directory is free
+    assert p.shutdown(5.0)
