@@ -660,6 +660,15 @@ def _check_service(config: Mapping[str, Any], lines: _Lines | None) -> None:
                     raise ConfigError(_where(lines, (*ppath, part)) +
                                       f"{_SINGULAR[part]} {name!r} is listed twice")
                 ctype = component_type(name)
+                if part == "exporters" and ctype == "loadbalancing":
+                    key = ((defined.get(name) or {}).get("routing_key")
+                           or ("traceID" if signal == "traces" else "service"))
+                    if (signal, key) in (("traces", "metric"), ("metrics", "traceID")):
+                        can = "traceID or service" if signal == "traces" else \
+                            "service or metric"
+                        raise ConfigError(
+                            _where(lines, ("exporters", name, "routing_key")) +
+                            f"{key!r} cannot route the {signal} of pipeline {pid!r} ({can})")
                 if part == "processors" and signal == "metrics" and \
                         ctype in SPAN_ONLY_PROCESSORS:
                     raise ConfigError(_where(lines, (*ppath, part)) +

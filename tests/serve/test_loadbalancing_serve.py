@@ -129,9 +129,8 @@ def test_protocol_and_routing_key_mistakes():
                                           r"expected one of 'traceID', 'service', 'metric'"):
         parse_config(text.replace("routing_key: traceID", "routing_key: spanID"),
                      source="lb.yaml")
-    config = parse_config(text.replace("routing_key: traceID", "routing_key: metric"))
     with pytest.raises(ConfigError, match="routing_key: 'metric' cannot route the traces"):
-        build(config)
+        parse_config(text.replace("routing_key: traceID", "routing_key: metric"))
     config = parse_config(text)
     del config["exporters"]["loadbalancing"]["resolver"]
     with pytest.raises(ConfigError, match=r"exporters\.loadbalancing\.resolver: required"):
@@ -271,4 +270,18 @@ def test_validate_config_requires_a_resolver(tmp_path):
                     " exporters: [loadbalancing]}}}\n")
     with pytest.raises(ConfigError, match=r"lb\.yaml:3: exporters\.loadbalancing: resolver: "
                                           r"required"):
+        load_config(str(path))
+
+
+def test_validate_config_checks_the_routing_key_against_the_pipeline(tmp_path):
+    path = tmp_path / "lb.yaml"
+    path.write_text("receivers: {otlp: {protocols: {grpc: {endpoint: 'localhost:0'}}}}\n"
+                    "exporters:\n"
+                    "  loadbalancing:\n"
+                    "    routing_key: metric\n"
+                    "    resolver: {static: {hostnames: ['a:4317']}}\n"
+                    "service: {pipelines: {traces: {receivers: [otlp],"
+                    " exporters: [loadbalancing]}}}\n")
+    with pytest.raises(ConfigError, match=r"lb\.yaml:4: exporters\.loadbalancing\.routing_key: "
+                                          r"'metric' cannot route the traces"):
         load_config(str(path))
