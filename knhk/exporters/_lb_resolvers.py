@@ -34,9 +34,10 @@ def normalize_endpoint(endpoint: Any, where: str = "endpoint") -> str:
     """Check one downstream endpoint and return it canonically written.
 
     ``host:port``, ``[v6-address]:port``, ``host`` (port 4317, as the
-    Collector assumes) or a URL ``http(s)://host:port[/path]``. Surrounding
-    blanks are dropped; nothing else is rewritten, since the string is what
-    routing hashes.
+    Collector assumes) or a URL ``http(s)://host:port[/path]``. The string is
+    what routing hashes, so spellings of one backend are made one: host names
+    in lower case, IPv6 addresses compressed, ports without leading zeros, and
+    a URL without a trailing ``/`` or ``/v1/traces``.
 
     Raises
     ------
@@ -47,8 +48,10 @@ def normalize_endpoint(endpoint: Any, where: str = "endpoint") -> str:
     --------
     >>> normalize_endpoint(" backend-1:4317 "), normalize_endpoint("backend-2")
     ('backend-1:4317', 'backend-2:4317')
-    >>> normalize_endpoint("[::1]:4317")
-    '[::1]:4317'
+    >>> normalize_endpoint("[0:0::1]:4317"), normalize_endpoint("Backend:04317")
+    ('[::1]:4317', 'backend:4317')
+    >>> normalize_endpoint("http://A:4318/v1/traces/")
+    'http://a:4318'
     """
     if not isinstance(endpoint, str) or not endpoint.strip():
         raise ValueError(f"{where}: expected 'host:port', got {endpoint!r}")
@@ -63,7 +66,14 @@ def normalize_endpoint(endpoint: Any, where: str = "endpoint") -> str:
             port = -1
         if parsed.scheme not in ("http", "https") or not parsed.hostname or port == -1:
             raise ValueError(f"{where}: expected an http(s)://host:port URL, got {endpoint!r}")
-        return text
+        path = parsed.path.rstrip("/")
+        if path.endswith("/v1/traces"):
+            path = path[:-len("/v1/traces")]
+        host = _canonical_host(parsed.hostname)
+        netloc = f"[{host}]" if ":" in host else host
+        if port is not None:
+            netloc += f":{port}"
+        return urllib.parse.urlunparse((parsed.scheme, netloc, path, "", parsed.query, ""))
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
         try:
@@ -71,6 +81,7 @@ def normalize_endpoint(endpoint: Any, where: str = "endpoint") -> str:
         except ValueError:
             raise ValueError(f"{where}: {host!r} in brackets is not an IPv6 address "
                              f"(in {endpoint!r})") from None
+        host = _canonical_host(host)
         if not rest:
             return f"[{host}]:{DEFAULT_PORT}"
         port_text = rest[1:] if rest.startswith(":") else None
@@ -80,10 +91,19 @@ def normalize_endpoint(endpoint: Any, where: str = "endpoint") -> str:
             raise ValueError(f"{where}: write an IPv6 address in brackets, "
                              f"as [{host}]:{port_text}; got {endpoint!r}")
     else:
-        return f"{text}:{DEFAULT_PORT}"
+        return f"{_canonical_host(text)}:{DEFAULT_PORT}"
     if not host or not port_text or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ValueError(f"{where}: expected 'host:port' with a port 1-65535, got {endpoint!r}")
-    return text
+    host = _canonical_host(host)
+    return f"[{host}]:{int(port_text)}" if ":" in host else f"{host}:{int(port_text)}"
+
+
+def _canonical_host(host: str) -> str:
+    """One spelling per host: IP addresses compressed, names in lower case."""
+    try:
+        return ipaddress.ip_address(host).compressed
+    except ValueError:
+        return host.lower()
 
 
 def unique_sorted(endpoints: Iterable[Any], where: str) -> tuple[str, ...]:

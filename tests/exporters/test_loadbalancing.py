@@ -612,3 +612,17 @@ def test_a_synchronous_endpoint_retrying_does_not_block_changes_or_shutdown():
     sender.join(10)
     assert done == [knhk.ExportResult.FAILURE]
     assert lb.stats()["spans_failed"] == 50  # counted once, by the endpoint that had them
+
+
+@pytest.mark.parametrize("spellings", [
+    ["a:4317", "a"], ["Backend:4317", "backend:4317"], ["[::1]:4317", "[0:0::1]:4317"],
+    ["a:4317", "a:04317"], ["http://a:4318", "http://a:4318/", "http://A:4318/v1/traces"],
+])
+def test_spellings_of_one_backend_are_one_endpoint(spellings):
+    """Routing hashes the endpoint string: two spellings of one backend would give it
+    double weight and move its traces when one spelling goes."""
+    lb = LoadBalancingExporter(spellings, exporter_factory=lambda ep: InMemoryExporter())
+    try:
+        assert len(lb.endpoints) == 1
+    finally:
+        lb.shutdown(1.0)
