@@ -461,3 +461,27 @@ def test_from_batches_and_pandas_agree_with_a_lazy_read(eager, lazy):
     again = Dataset.from_batches(lazy.to_arrow())
     same_summary({**again.summary(), "files": 3, "batches": 0},
                  {**eager.summary(), "batches": 0})
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_slowest_traces_break_ties_alike(tmp_path, k):
+    """Traces of equal length (common with millisecond clocks): eager and lazy agree."""
+    import random
+
+    rng = random.Random(1)
+    spans = [knhk.Span("op", trace_id=rng.getrandbits(128) | 1, span_id=1,
+                       start_time_ns=t * 10, duration_ns=1000, service=f"s{t}")
+             for t in range(1, 21)]
+    files = record(tmp_path, [knhk.SpanBatch.from_spans(spans)])
+    eager = knhk.open(files, lazy=False).slowest_traces(3)
+    lazy = knhk.open(files, lazy=True, trace_partitions=k).slowest_traces(3)
+    assert eager.equals(lazy)
+    assert eager.column("trace_id").to_pylist() == sorted(eager.column("trace_id").to_pylist())
+
+
+@pytest.mark.parametrize("query", [
+    "SELECT s FROM spans s ORDER BY s.span_id LIMIT 2",
+    "SELECT length(to_json(spans)) AS n FROM spans ORDER BY n, span_id LIMIT 3",
+])
+def test_sql_using_a_whole_row_reads_every_column(eager, lazy, query):
+    assert eager.sql(query).equals(lazy.sql(query))

@@ -312,8 +312,38 @@ def _sql_columns(query: str) -> tuple[str, ...] | None:
     words = {w.lower() for w in _WORD.findall(query)}
     if "*" in stripped or words & _EVERY_COLUMN or "select" not in words:
         return None
+    if _row_values(query):
+        return None
     cols = tuple(c for c in SPAN_SCHEMA.names if c in words)
     return cols or ("trace_id",)  # count(*) needs a column to count the rows of
+
+
+_TABLE_AT = re.compile(r"\b(?:from|join)\s+spans(?:\s+(?:as\s+)?([A-Za-z_][A-Za-z0-9_]*))?",
+                       re.IGNORECASE)
+_NOT_ALIAS = frozenset({"where", "join", "on", "group", "order", "limit", "inner", "left",
+                        "right", "full", "cross", "natural", "using", "union", "except",
+                        "intersect", "having", "window", "qualify", "offset", "as"})
+
+
+def _row_values(query: str) -> bool:
+    """Whether ``query`` uses the ``spans`` table (or an alias of it) as a value — a
+    whole row, as in ``SELECT s FROM spans s`` or ``to_json(spans)`` — which needs every
+    column; a name followed by ``.`` (a column of it) or in FROM/JOIN position does not."""
+    names = {"spans"}
+    table_spans: set[int] = set()
+    for m in _TABLE_AT.finditer(query):
+        table_spans.add(m.start(0) + m.group(0).lower().index("spans"))
+        alias = m.group(1)
+        if alias and alias.lower() not in _NOT_ALIAS:
+            names.add(alias.lower())
+            table_spans.add(m.start(1))
+    for m in _WORD.finditer(query):
+        if m.group(0).lower() not in names or m.start() in table_spans:
+            continue
+        if query[m.end():].lstrip().startswith("."):
+            continue  # alias.column
+        return True
+    return False
 
 
 class _Stream:
@@ -1039,7 +1069,7 @@ class Dataset:
         return self._traces.latency_breakdown()
 
     def slowest_traces(self, n: int = 10) -> pa.Table:
-        """The ``n`` longest traces (first start to last end).
+        """The ``n`` longest traces (first start to last end), ties by trace id.
 
         A lazy dataset takes the ``n`` longest of each partition
         (:meth:`iter_traces`) and then the ``n`` longest of those.
@@ -1055,7 +1085,8 @@ class Dataset:
         if self._scanner is not None:
             tops = [_slowest(ts, n) for ts in self.iter_traces()]
             table = pa.concat_tables(tops)
-            order = pc.sort_indices(table, [("duration_ms", "descending")])
+            order = pc.sort_indices(table, [("duration_ms", "descending"),
+                                            ("trace_id", "ascending")])
             return table.take(order).slice(0, n).combine_chunks()
         return _slowest(self._traces, n)
 
@@ -1146,12 +1177,17 @@ def _slowest(ts: Any, n: int) -> pa.Table:
                          "name": pa.array([], pa.string())})
     offsets = ts.trace_offsets
     dur = ts._trace_durations()
-    top = np.argsort(-dur, kind="stable")[:n]
+    ids = ts.trace_ids()
+    # one total order (duration descending, then trace id), so a lazy dataset's
+    # partitions merge to the same answer whatever the ties
+    order = np.argsort(-dur, kind="stable")
+    cand = order if len(order) <= n else order[dur[order] >= dur[order[n - 1]]]
+    tie_key = np.array([ids[i] for i in cand.tolist()], dtype="S16")
+    top = cand[np.lexsort((tie_key, -dur[cand]))][:n]
     spans = ts.spans
     status = spans.column("status_code").to_numpy()
     start = spans.column("start_time_ns").to_numpy()
     errors = np.add.reduceat((status == _ERROR).astype(np.int64), offsets[:-1])
-    ids = ts.trace_ids()
     svc = spans.column("service")
     name = spans.column("name")
     root_rows = []
