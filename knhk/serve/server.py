@@ -290,9 +290,15 @@ class Server:
                 "dropped_by_reason": dict(s.dropped_by_reason),
                 "refused": s.events_refused, "metric_points": s.metrics_received,
                 "exported": {k: v["events_exported"] for k, v in s.exporters.items()},
-                "export_failed": {k: v["events_failed"] for k, v in s.exporters.items()
-                                  if v["events_failed"]},
+                "export_failed": {k: v["events_failed"] for k, v in s.exporters.items()},
                 "queue_occupancy": round(s.queue_occupancy, 4)}
+            # an exporter that queues (OTLP, the load balancer) has handed a batch over
+            # when the pipeline counts it exported: its own counters say what was sent
+            for name, ex in zip(s.exporters, getattr(p, "exporters", ()), strict=False):
+                if hasattr(ex, "spans_exported") and hasattr(ex, "spans_failed"):
+                    fields["exported"][name] = int(ex.spans_exported)
+                    fields["export_failed"][name] = int(ex.spans_failed)
+            fields["export_failed"] = {k: v for k, v in fields["export_failed"].items() if v}
             last = self._last_stats.get(pid)
             self._last_stats[pid] = (now, fields)
             if last is None:
@@ -300,7 +306,8 @@ class Server:
             t0, before = last
             moved = {k for k in ("received", "processed", "dropped", "refused",
                                  "metric_points") if fields[k] != before[k]}
-            if not moved and fields["exported"] == before["exported"]:
+            if not moved and fields["exported"] == before["exported"] and \
+                    fields["export_failed"] == before["export_failed"]:
                 continue
             rate = (fields["received"] - before["received"]) / max(now - t0, 1e-9)
             fields["received_per_s"] = round(rate, 1)

@@ -99,3 +99,30 @@ def test_stats_interval_is_checked():
                                                 "exporters": ["debug"]}}}}
     with pytest.raises(ConfigError, match=r"service\.telemetry\.logs\.stats_interval"):
         validate_config(cfg)
+
+
+def test_stats_line_reports_what_a_queueing_exporter_sent_not_what_it_queued():
+    cfg = {"receivers": {"otlp": {"protocols": {"http": {"endpoint": "localhost:0"}}}},
+           "exporters": {"otlp": {"endpoint": "127.0.0.1:1", "timeout": "300ms",
+                                  "tls": {"insecure": True},
+                                  "retry_on_failure": {"initial_interval": "100ms",
+                                                       "max_interval": "200ms",
+                                                       "max_elapsed_time": "500ms"}}},
+           "service": {"telemetry": {"logs": {"stats_interval": "0s"}},
+                       "pipelines": {"traces": {"receivers": ["otlp"],
+                                                "exporters": ["otlp"]}}}}
+    validate_config(cfg)
+    server = Server(cfg).start()
+    try:
+        server.log_stats()
+        _post(server, 300, seed=4)
+        otlp = server.built.pipelines["traces"].exporters[0]
+        deadline = time.monotonic() + 15
+        while otlp.spans_failed < 300:  # nothing listens on port 1: given up on
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        line = server.log_stats()["traces"]
+        assert line["exported"] == {"otlp": 0}
+        assert line["export_failed"] == {"otlp": 300}
+    finally:
+        server.shutdown(5.0)
