@@ -289,16 +289,10 @@ class Server:
                 "dropped": sum(s.dropped_by_reason.values()),
                 "dropped_by_reason": dict(s.dropped_by_reason),
                 "refused": s.events_refused, "metric_points": s.metrics_received,
-                "exported": {k: v["events_exported"] for k, v in s.exporters.items()},
-                "export_failed": {k: v["events_failed"] for k, v in s.exporters.items()},
+                "exported": {}, "export_failed": {},
                 "queue_occupancy": round(s.queue_occupancy, 4)}
-            # an exporter that queues (OTLP, the load balancer) has handed a batch over
-            # when the pipeline counts it exported: its own counters say what was sent
-            for name, ex in zip(s.exporters, getattr(p, "exporters", ()), strict=False):
-                if hasattr(ex, "spans_exported") and hasattr(ex, "spans_failed"):
-                    fields["exported"][name] = int(ex.spans_exported)
-                    fields["export_failed"][name] = int(ex.spans_failed)
-            fields["export_failed"] = {k: v for k, v in fields["export_failed"].items() if v}
+            fields["exported"], failed = _exported(p, s)
+            fields["export_failed"] = {k: v for k, v in failed.items() if v}
             last = self._last_stats.get(pid)
             self._last_stats[pid] = (now, fields)
             if last is None:
@@ -362,5 +356,17 @@ class Server:
                         "events_sampled_out": s.events_sampled_out,
                         "validation_errors": s.validation_errors,
                         "export_errors": s.export_errors,
-                        "exported": {k: v["events_exported"] for k, v in s.exporters.items()}}
+                        "exported": _exported(p, s)[0]}
         return out
+
+
+def _exported(pipeline: Any, stats: Any) -> tuple[dict[str, int], dict[str, int]]:
+    """Per exporter: events exported and failed. An exporter that queues (OTLP, the load
+    balancer) has only handed a batch over when the pipeline counts it exported: its own
+    counters say what was sent and what was given up on."""
+    exported = {k: v["events_exported"] for k, v in stats.exporters.items()}
+    failed = {k: v["events_failed"] for k, v in stats.exporters.items()}
+    for name, ex in zip(stats.exporters, getattr(pipeline, "exporters", ()), strict=False):
+        if hasattr(ex, "spans_exported") and hasattr(ex, "spans_failed"):
+            exported[name], failed[name] = int(ex.spans_exported), int(ex.spans_failed)
+    return exported, failed
