@@ -54,3 +54,20 @@ def pipeline_factory():
     yield factory
     for pipeline in built:
         pipeline.shutdown(timeout=1.0)
+
+
+@pytest.fixture
+def prometheus(tmp_path):
+    """``start(target_port) -> query(promql)``: a real Prometheus (Debian's package)
+    scraping knhk every second, stopped at teardown."""
+    from knhk_testing import PrometheusServer
+
+    servers: list[PrometheusServer] = []
+
+    def start(target_port: int):
+        servers.append(PrometheusServer(tmp_path, target_port))
+        return servers[-1].query
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -5,29 +5,11 @@ from __future__ import annotations
 import math
 import time
 
-import pytest
-from knhk_testing import PrometheusServer
-
 from knhk.exporters.prometheus import PrometheusExporter
 from knhk.workload import WorkloadConfig, generate
 
 TRICKY = 'x"} 1\nfake_metric 1'
 DEADLINE_S = 20.0
-
-
-@pytest.fixture
-def prometheus(tmp_path):
-    """``start(target_port) -> query(promql)``: a real Prometheus scraping knhk every
-    second, stopped at teardown."""
-    servers: list[PrometheusServer] = []
-
-    def start(target_port: int):
-        servers.append(PrometheusServer(tmp_path, target_port))
-        return servers[-1].query
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 def poll(query, promql: str, ready) -> list[dict]:

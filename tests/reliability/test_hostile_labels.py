@@ -25,8 +25,6 @@ import urllib.parse
 import urllib.request
 
 import grpc
-import pytest
-from knhk_testing import PrometheusServer
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2
@@ -113,21 +111,6 @@ def _poll(fn, ready, deadline_s: float = DEADLINE_S):
             return result
         time.sleep(0.25)
     return result
-
-
-@pytest.fixture
-def prometheus(tmp_path):
-    """``start(target_port) -> query(promql)``: a real Prometheus scraping knhk every
-    second, stopped at teardown."""
-    servers: list[PrometheusServer] = []
-
-    def start(target_port: int):
-        servers.append(PrometheusServer(tmp_path, target_port))
-        return servers[-1].query
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 def _serve_config(prom_port: int) -> dict:
