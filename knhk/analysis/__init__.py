@@ -82,7 +82,6 @@ import html
 import logging
 import math
 import os
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -95,6 +94,7 @@ import pyarrow.compute as pc
 
 from knhk.analysis import _stream
 from knhk.analysis._scan import BatchInfo, Scanner, check_columns, projected_schema
+from knhk.analysis._sql import ReaderFactory, sql_columns
 from knhk.batch import MetricBatch, SpanBatch
 from knhk.schema import SPAN_SCHEMA
 
@@ -291,74 +291,6 @@ def _group_columns(group_by: Sequence[str], value: str) -> tuple[str, ...] | Non
         else:
             return None
     return tuple(dict.fromkeys(out))
-
-
-_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-_EVERY_COLUMN = frozenset({"natural", "describe", "summarize", "pivot", "unpivot", "columns",
-                           "exclude", "replace", "show"})
-
-
-def _sql_columns(query: str) -> tuple[str, ...] | None:
-    """The span columns ``query`` can refer to; None (all of them) when it cannot be told.
-
-    A superset is harmless (a column more is read); a column missed would
-    fail the query, so anything that can name columns without spelling them
-    (``*`` other than in ``count(*)``, NATURAL joins, DESCRIBE, SUMMARIZE,
-    COLUMNS(...), a FROM-first query without SELECT) reads every column.
-    """
-    stripped = re.sub(r"count\s*\(\s*\*\s*\)", "", query, flags=re.IGNORECASE)
-    words = {w.lower() for w in _WORD.findall(query)}
-    if "*" in stripped or words & _EVERY_COLUMN or "select" not in words:
-        return None
-    if _row_values(query):
-        return None
-    cols = tuple(c for c in SPAN_SCHEMA.names if c in words)
-    return cols or ("trace_id",)  # count(*) needs a column to count the rows of
-
-
-_TABLE_AT = re.compile(r"\b(?:from|join)\s+spans(?:\s+(?:as\s+)?([A-Za-z_][A-Za-z0-9_]*))?",
-                       re.IGNORECASE)
-_NOT_ALIAS = frozenset({"where", "join", "on", "group", "order", "limit", "inner", "left",
-                        "right", "full", "cross", "natural", "using", "union", "except",
-                        "intersect", "having", "window", "qualify", "offset", "as"})
-
-
-def _row_values(query: str) -> bool:
-    """Whether ``query`` uses the ``spans`` table (or an alias of it) as a value — a
-    whole row, as in ``SELECT s FROM spans s`` or ``to_json(spans)`` — which needs every
-    column; a name followed by ``.`` (a column of it) or in FROM/JOIN position does not."""
-    names = {"spans"}
-    table_spans: set[int] = set()
-    for m in _TABLE_AT.finditer(query):
-        table_spans.add(m.start(0) + m.group(0).lower().index("spans"))
-        alias = m.group(1)
-        if alias and alias.lower() not in _NOT_ALIAS:
-            names.add(alias.lower())
-            table_spans.add(m.start(1))
-    for m in _WORD.finditer(query):
-        if m.group(0).lower() not in names or m.start() in table_spans:
-            continue
-        if query[m.end():].lstrip().startswith("."):
-            continue  # alias.column
-        return True
-    return False
-
-
-class _Stream:
-    """An Arrow stream factory: each ``__arrow_c_stream__`` call reads the batches afresh.
-
-    DuckDB asks for a new stream each time a query scans the table (and once
-    for its schema), so a query may scan ``spans`` more than once.
-    """
-
-    def __init__(self, ds: Dataset, columns: tuple[str, ...] | None) -> None:
-        self._ds = ds
-        self._columns = columns
-
-    def __arrow_c_stream__(self, requested_schema: Any = None) -> Any:
-        return self._ds._reader(self._columns).__arrow_c_stream__(requested_schema)
 
 
 def _linear_quantiles(sorted_values: np.ndarray, first: np.ndarray, counts: np.ndarray,
@@ -1121,11 +1053,11 @@ class Dataset:
         con = duckdb.connect()
         try:
             if self._scanner is not None:
-                cols = _sql_columns(query)
+                cols = sql_columns(query)
                 if self._options.columns is not None:
                     cols = tuple(c for c in self._options.columns
                                  if cols is None or c in cols) or self._options.columns[:1]
-                con.register("spans", _Stream(self, cols))
+                con.register("spans", ReaderFactory(self, cols))
             else:
                 con.register("spans", self.to_arrow())
             for name, table in tables.items():
