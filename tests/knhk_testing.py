@@ -57,7 +57,9 @@ class PrometheusServer:
     def __init__(self, directory, target_port: int) -> None:
         import subprocess
 
-        self.port = _free_port()
+        from knhk.testbed.serve import free_port
+
+        self.port = free_port()
         config = os.path.join(directory, "prometheus.yml")
         with open(config, "w") as f:
             f.write("global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
@@ -99,14 +101,6 @@ class PrometheusServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the load balancer's routing, in plain Python (independent of the NumPy router) -----

@@ -32,6 +32,7 @@ from knhk.exporters.loadbalancing import (
 from knhk.exporters.memory import InMemoryExporter
 from knhk.exporters.otlp import OtlpConfig
 from knhk.receivers import OtlpGrpcReceiver, OtlpHttpReceiver
+from knhk.testbed.serve import free_port
 from knhk.workload import WorkloadConfig, generate
 
 
@@ -501,17 +502,9 @@ def test_in_a_pipeline_the_exporter_is_counted_like_any_other():
     assert all(s._stopped for s in sinks.values())  # the pipeline's shutdown reached them
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_what_a_removed_endpoint_still_queues_is_sent_when_it_comes_back_within_drain():
     live = Backend()
-    port = _free_port()
+    port = free_port()
     late = f"127.0.0.1:{port}"  # nobody listens yet: its exporter retries
     proto = replace(PROTOCOL, retry=RetryConfig(initial_interval=0.05, max_interval=0.2,
                                                 max_elapsed_time=20.0))
@@ -537,7 +530,7 @@ def test_what_a_removed_endpoint_still_queues_is_sent_when_it_comes_back_within_
 
 
 def test_a_removed_endpoint_that_never_answers_is_given_up_after_drain_timeout():
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     sinks = {"a:1": InMemoryExporter()}
     proto = replace(PROTOCOL, retry=RetryConfig(initial_interval=0.05, max_elapsed_time=60.0))
 
