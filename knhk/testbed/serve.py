@@ -20,10 +20,11 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 import threading
 from typing import Any
+
+from knhk.testbed._child import ChildProcess
 
 __all__ = ["ServeProcess", "free_port", "serve_config"]
 
@@ -68,7 +69,7 @@ def serve_config(grpc_port: int, http_port: int, exporters: list[tuple[str, str]
     }
 
 
-class ServeProcess:
+class ServeProcess(ChildProcess):
     """``knhk serve --config`` on ``config`` (a dict), started in ``workdir``."""
 
     def __init__(self, config: dict[str, Any], workdir: str, *,
@@ -79,12 +80,9 @@ class ServeProcess:
         path = os.path.join(workdir, f"serve-{id(self)}.yaml")
         with open(path, "w") as f:
             yaml.safe_dump(config, f)
-        self.log_path = os.path.join(workdir, f"serve-{id(self)}.log")
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 (the child writes to it)
         code = "import sys; from knhk.cli import main; sys.exit(main(sys.argv[1:]))"
-        self.proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--config", path],
-                                     stdout=subprocess.PIPE, stderr=self._log,
-                                     stdin=subprocess.DEVNULL)
+        super().__init__([sys.executable, "-c", code, "serve", "--config", path],
+                         os.path.join(workdir, f"serve-{id(self)}.log"))
         self.banner: list[str] = []
         done = threading.Event()
 
@@ -113,10 +111,6 @@ class ServeProcess:
         self.http_url = f"http://{http_at}/v1/traces"
         self.pid = self.proc.pid
 
-    def log(self) -> str:
-        with open(self.log_path, "rb") as f:
-            return f.read()[-4000:].decode(errors="replace")
-
     def terminate(self, timeout: float = 60.0) -> dict[str, int]:
         """SIGTERM; the summary table's numbers, e.g. ``{"traces: spans received": 10, ...}``."""
         self.proc.send_signal(signal.SIGTERM)
@@ -129,11 +123,3 @@ class ServeProcess:
             if m:
                 summary[m.group(1)] = int(m.group(2).replace(",", ""))
         return summary
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()

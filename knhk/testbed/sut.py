@@ -28,11 +28,12 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 from typing import Any
+
+from knhk.testbed._child import ChildProcess
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class SutProcess:
+class SutProcess(ChildProcess):
     """One system-under-test process started from a test.
 
     Parameters
@@ -227,11 +228,9 @@ class SutProcess:
 
     def __init__(self, args: list[str], workdir: str, *, ready_timeout: float = 30.0) -> None:
         self.stats_file = os.path.join(workdir, f"sut-stats-{id(self)}.json")
-        self.log_path = os.path.join(workdir, f"sut-{id(self)}.log")
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 (the child writes to it)
-        cmd = [sys.executable, "-m", "knhk.testbed.sut", *args, "--stats-file", self.stats_file]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log,
-                                     stdin=subprocess.DEVNULL)
+        super().__init__(
+            [sys.executable, "-m", "knhk.testbed.sut", *args, "--stats-file", self.stats_file],
+            os.path.join(workdir, f"sut-{id(self)}.log"))
         self.final: dict | None = None
         line = self._readline(ready_timeout)
         try:
@@ -256,10 +255,6 @@ class SutProcess:
     @property
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.ready['http_port']}/v1/traces"
-
-    def log(self) -> str:
-        with open(self.log_path, "rb") as f:
-            return f.read()[-4000:].decode(errors="replace")
 
     def stats(self) -> dict:
         """The latest counters (rewritten every ``--stats-interval``)."""
@@ -290,15 +285,6 @@ class SutProcess:
                                f"log: {self.log()}")
         self.final = json.loads(lines[-1])
         return self.final
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no flush (a crash)."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
 
 
 if __name__ == "__main__":
