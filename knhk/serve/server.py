@@ -283,16 +283,15 @@ class Server:
         now = time.monotonic()
         for pid, p in self.built.pipelines.items():
             s = p.stats()
+            exported, failed = _exported(p, s)
             fields: dict[str, Any] = {
                 "pipeline": pid, "received": s.events_received,
                 "processed": s.events_processed, "sampled_out": s.events_sampled_out,
                 "dropped": sum(s.dropped_by_reason.values()),
                 "dropped_by_reason": dict(s.dropped_by_reason),
                 "refused": s.events_refused, "metric_points": s.metrics_received,
-                "exported": {}, "export_failed": {},
+                "exported": exported, "export_failed": {k: v for k, v in failed.items() if v},
                 "queue_occupancy": round(s.queue_occupancy, 4)}
-            fields["exported"], failed = _exported(p, s)
-            fields["export_failed"] = {k: v for k, v in failed.items() if v}
             last = self._last_stats.get(pid)
             self._last_stats[pid] = (now, fields)
             if last is None:
