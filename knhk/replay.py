@@ -350,13 +350,17 @@ def _verify(rb: pa.RecordBatch, meta: Any, checksum: bool) -> str | None:
     return None
 
 
-def _read_file(path: str, stats: ReplayStats, verify: bool
-               ) -> Iterator[SpanBatch | MetricBatch]:
+def _map_file(path: str) -> pa.MemoryMappedFile:
+    """``path`` memory-mapped; an OSError naming it when it cannot be."""
     try:
-        source = pa.memory_map(path)
+        return pa.memory_map(path)
     except (OSError, pa.ArrowException) as exc:
         raise OSError(f"cannot open {path}: {exc}") from exc
-    with source:
+
+
+def _read_file(path: str, stats: ReplayStats, verify: bool
+               ) -> Iterator[SpanBatch | MetricBatch]:
+    with _map_file(path) as source:
         data = source.read_buffer()
         stats.files += 1
         scan = _FileScan(path, data)

@@ -213,16 +213,12 @@ class Scanner:
     def _read_projected(self, path: str, columns: tuple[str, ...] | None,
                         wanted: set[int] | None, compact: bool
                         ) -> Iterator[tuple[int, pa.RecordBatch]]:
-        from knhk.replay import _corrupt, _FileScan, _short, _signal_schema, _verify
+        from knhk.replay import _corrupt, _FileScan, _map_file, _short, _signal_schema, _verify
 
         names = SPAN_SCHEMA.names
         fields = sorted(names.index(c) for c in (columns or names))
         options = ipc.IpcReadOptions(included_fields=fields)
-        try:
-            source = pa.memory_map(path)
-        except (OSError, pa.ArrowException) as exc:
-            raise OSError(f"cannot open {path}: {exc}") from exc
-        with source:
+        with _map_file(path) as source:
             data = source.read_buffer()
             scan = _FileScan(path, data)
             if not scan.messages or scan.messages[0].kind != "schema":
